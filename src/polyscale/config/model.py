@@ -1,0 +1,34 @@
+"""Schemas of the `model` and `model/conv` config groups.
+
+The model code never sees these objects: `polyscale.models.build_model_from_config` turns them into
+plain keyword arguments at the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ConvConfig:
+    """The spatial convolution used in the middle of every bottleneck (`model/conv=NAME`)."""
+
+    name: str = "standard"  # standard | psconv | pyconv
+    # PSConv (PSConv paper, Eq. 3): cyclic dilation pattern, t = len(pattern), and the axes it varies on.
+    dilation_pattern: list[int] = field(default_factory=lambda: [1, 2, 1, 4])
+    axes: str = "both"  # both | input | output
+    # PyConv: per-stage pyramid kernels and groups (one list per stage); null = PyConvResNet's defaults.
+    kernel_sizes: list[list[int]] | None = None
+    groups: list[list[int]] | None = None
+
+
+@dataclass
+class ModelConfig:
+    """A registered network (`model=NAME`) plus its conv type and init options."""
+
+    name: str = "resnet20"
+    conv: ConvConfig = field(default_factory=ConvConfig)
+    num_classes: int | None = None  # null: take the data set's class count
+    drop_rate: float = 0.0  # dropout before the classifier
+    zero_init_last: bool = False  # zero-init the last BN of every residual branch
+    checkpoint_path: str | None = None  # initialise weights from ours / a bare state dict / official files
