@@ -11,7 +11,7 @@ class DataConfig:
 
     name: str = "builtin"  # builtin | synthetic | cifar10 | cifar100 | imagenet | imagefolder
     root: str | None = None  # data set folder; imagenet also reads $IMAGENET_ROOT, cifar $CIFAR_ROOT
-    num_classes: int = 10
+    num_classes: int | None = 10  # null: take the class count from the folder (imagefolder)
     image_size: int = 32  # training crop (validation follows crop_ratio)
     crop_ratio: float = 0.875  # validation: resize shorter side to crop/ratio, center-crop `crop` (224/256)
     batch_size: int = 128  # GLOBAL batch across all ranks, as the papers state it
@@ -28,6 +28,7 @@ class DataConfig:
     rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
     auto_augment: str | None = None  # timm policy string, e.g. rand-m9-mstd0.5 or original
     decoder: str = "pil"  # pil | torchvision | cuda (torchvision.io.decode_jpeg on the GPU)
+    jpeg_draft: bool = True  # PIL: JPEG reduce-on-decode when the crop stays >= output size (speed)
     gpu_augment: bool = False  # CIFAR: keep the whole set on the GPU and augment there
     on_bad_file: str = "skip"  # skip (log + count) | error
     # synthetic / builtin sizes
