@@ -1,0 +1,208 @@
+"""Registry of model names: `create_model`, `list_models`, `build_model_from_config`.
+
+Each name is a trunk plus its natural spatial conv (`ps_` names: PSConv, `pyconv` names: PyConv, others:
+standard). The `conv` argument always wins over that default, so `create_model("resnet50",
+conv="psconv")` and `create_model("ps_resnet50")` are the same network, and `ps_resnet50` with
+`conv={"name": "standard"}` is `resnet50`. Model code never sees a config: this module turns names and
+plain options into constructor calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import logging
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from polyscale.errors import ConfigError
+from polyscale.models.checkpoint_io import load_model_weights
+from polyscale.models.cifar import cifar_resnet, resnext29
+from polyscale.models.pyconv_resnet import PYCONV_HG_GROUPS, pyconv_resnet
+from polyscale.models.resnet import imagenet_resnet
+from polyscale.ops import stage_conv_layers
+
+__all__ = ["ModelSpec", "build_model_from_config", "create_model", "get_model_spec", "list_models"]
+
+log = logging.getLogger(__name__)
+
+# Extra keyword arguments create_model passes to every builder (timm-style); the rest define the trunk.
+_BUILDER_OPTIONS = frozenset({"in_chans", "norm_layer"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered network: builder(conv_layers=..., **kwargs) -> nn.Module and its natural conv."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    conv: str  # standard | psconv | pyconv
+    num_stages: int
+    dataset: str  # imagenet | cifar: native input resolution 224 / 32 (profiling, timm cfg)
+    description: str
+    conv_defaults: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # per conv type
+
+    @property
+    def input_size(self) -> int:
+        return 224 if self.dataset == "imagenet" else 32
+
+    @property
+    def paper_classes(self) -> int:
+        """Class count of the data set the papers use it on: ImageNet 1000, CIFAR-100 for ResNeXt-29."""
+        if self.dataset == "imagenet":
+            return 1000
+        return 100 if "resnext29" in self.name else 10
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def _register_builtin() -> None:
+    """The papers' networks (PSConv Table 1 and sec. 4.2, PyConv README) plus small CIFAR ResNets."""
+    trunks: dict[str, tuple[Callable[..., nn.Module], int, str, str]] = {}  # builder, stages, dataset, title
+    for d in (50, 101, 152):
+        trunks[f"resnet{d}"] = (partial(imagenet_resnet, d), 4, "imagenet", f"ResNet-{d}")
+    for d in (50, 101):
+        resnext = partial(imagenet_resnet, d, cardinality=32, base_width=4)
+        trunks[f"resnext{d}_32x4d"] = (resnext, 4, "imagenet", f"ResNeXt-{d} (32x4d)")
+        trunks[f"seresnet{d}"] = (partial(imagenet_resnet, d, se=True), 4, "imagenet", f"SE-ResNet-{d}")
+    for c in (8, 16):
+        trunks[f"resnext29_{c}x64d"] = (partial(resnext29, c), 3, "cifar", f"ResNeXt-29 {c}x64d")
+    for d in (20, 56):
+        trunks[f"resnet{d}"] = (partial(cifar_resnet, d), 3, "cifar", f"ResNet-{d} (CIFAR)")
+    for name, (builder, stages, dataset, title) in trunks.items():
+        _REGISTRY[name] = ModelSpec(name, builder, "standard", stages, dataset, title)
+        _REGISTRY["ps_" + name] = ModelSpec("ps_" + name, builder, "psconv", stages, dataset, "PS-" + title)
+    hg_defaults = {"pyconv": {"groups": PYCONV_HG_GROUPS}}
+    for d in (50, 101, 152):
+        for hg, title in ((False, "PyConvResNet"), (True, "PyConvHGResNet")):
+            name = f"pyconv{'hg' if hg else ''}resnet{d}"
+            builder = partial(pyconv_resnet, d, hg=hg)
+            _REGISTRY[name] = ModelSpec(
+                name, builder, "pyconv", 4, "imagenet", f"{title}-{d}", hg_defaults if hg else {}
+            )
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by a shell-style pattern (e.g. "ps_*")."""
+    names = sorted(_REGISTRY)
+    return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registry entry of `name`; unknown names raise ConfigError listing close matches."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"Unknown model {name!r}.{hint} Set model=NAME to one of: {', '.join(list_models())} "
+            "(polyscale.list_models())."
+        )
+    return _REGISTRY[name]
+
+
+def resolve_conv(spec: ModelSpec, conv: str | Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """Conv type name and its options, with the model's defaults filling unset (None) ones.
+
+    Options that the chosen type does not read are dropped by `stage_conv_layers`, which also rejects
+    unknown types and misspelt options with a ConfigError.
+    """
+    if OmegaConf.is_config(conv):
+        conv = OmegaConf.to_container(conv, resolve=True)
+    if conv is None or isinstance(conv, str):
+        name, opts = conv or spec.conv, {}
+    elif isinstance(conv, Mapping):
+        opts = {k: v for k, v in conv.items() if k != "name"}
+        name = conv.get("name") or spec.conv
+    else:
+        raise ConfigError(f"model.conv must be a conv name or a mapping, got {type(conv).__name__}")
+    for key, value in spec.conv_defaults.get(name, {}).items():
+        if opts.get(key) is None:
+            opts[key] = value
+    return name, opts
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    conv: str | Mapping[str, Any] | None = None,
+    drop_rate: float = 0.0,
+    zero_init_last: bool = False,
+    checkpoint_path: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the registered network `name`.
+
+    Args:
+        num_classes: classifier outputs (0: no classifier, `forward` returns pooled features).
+        conv: None (the name's natural conv), a conv name ("standard" | "psconv" | "pyconv") or a mapping
+            like `model.conv` in the config ({"name": "psconv", "dilation_pattern": [1, 2, 1, 4],
+            "axes": "both", "kernel_sizes": None, "groups": None}); None values mean defaults and
+            options the chosen type does not read are ignored.
+        drop_rate: dropout before the classifier.
+        zero_init_last: zero-init the last BN of every residual branch.
+        checkpoint_path: weights to load (ours, a bare state dict, or the PyConv / PSConv authors' files;
+            see `polyscale.models.load_model_weights`), strictly except for the classifier: with another
+            `num_classes` (fine-tuning) or a backbone file without fc, fc keeps its init (with a warning).
+        kwargs: `in_chans` (input channels, default 3) and `norm_layer` (default nn.BatchNorm2d).
+    """
+    spec = get_model_spec(name)
+    unknown = sorted(set(kwargs) - _BUILDER_OPTIONS)
+    if unknown:
+        accepted = ", ".join(sorted(_BUILDER_OPTIONS))
+        raise ConfigError(f"create_model({name!r}) got unknown argument(s) {unknown}; accepted: {accepted}.")
+    conv_name, conv_opts = resolve_conv(spec, conv)
+    try:
+        conv_layers = stage_conv_layers(conv_name, spec.num_stages, **conv_opts)
+        model = spec.builder(
+            conv_layers=conv_layers,
+            num_classes=num_classes,
+            drop_rate=drop_rate,
+            zero_init_last=zero_init_last,
+            **kwargs,
+        )
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"Cannot build model {name!r} with conv {conv_name} {conv_opts}: {err}") from err
+    model.polyscale_name, model.polyscale_conv = name, conv_name  # for checkpoint error messages
+    if checkpoint_path is not None:
+        report = load_model_weights(model, checkpoint_path, new_classifier_ok=True)
+        log.info("%s: %s", name, report.summary())
+    return model
+
+
+def build_model_from_config(cfg: Any, num_classes: int | None = None) -> nn.Module:
+    """Build from a `model` config node (ModelConfig / DictConfig / mapping) at the edge of the program.
+
+    `num_classes` (the data set's class count) is used when `cfg.num_classes` is null.
+    """
+    if OmegaConf.is_config(cfg):
+        c = OmegaConf.to_container(cfg, resolve=True)
+    elif dataclasses.is_dataclass(cfg):
+        c = dataclasses.asdict(cfg)
+    else:
+        c = dict(cfg)
+    n = c.get("num_classes") if c.get("num_classes") is not None else num_classes
+    if n is None:
+        raise ConfigError(
+            "model.num_classes is null and no data set class count was given; set model.num_classes."
+        )
+    return create_model(
+        c["name"],
+        num_classes=n,
+        conv=c.get("conv"),
+        drop_rate=c.get("drop_rate", 0.0),
+        zero_init_last=c.get("zero_init_last", False),
+        checkpoint_path=c.get("checkpoint_path"),
+    )
+
+
+_register_builtin()
