@@ -43,12 +43,14 @@ class TrainConfig:
 
 @dataclass
 class EvalRunConfig:
+    """evaluate.py's config. `model` and `data` come from the config stored in the checkpoint; only what the
+    command line sets (`model=NAME`, `data=NAME`, `data.root=...`, ...) replaces the stored values."""
+
     checkpoint: str | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # Optional overrides of the config stored in the checkpoint (null: use the stored one).
-    model: ModelConfig | None = None
-    data: DataConfig | None = None
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # device, precision, limit_val_batches, ...
     seed: int = 0
 
 

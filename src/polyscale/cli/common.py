@@ -1,0 +1,62 @@
+"""What both entry points do before and around Hydra: process group, run stamp, schemas, error reports."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from omegaconf import OmegaConf
+
+from polyscale.config import register_configs
+from polyscale.engine.distributed import (
+    destroy_distributed,
+    dist_info,
+    init_distributed,
+    init_run_stamp,
+    run_stamp,
+)
+from polyscale.errors import PolyscaleError
+
+__all__ = ["EXIT_USER_ERROR", "prepare_launch", "report_user_errors"]
+
+EXIT_USER_ERROR = 2
+
+# Ranks other than 0 write nothing: no .hydra/ folder, no log file (warnings still reach stderr).
+_NON_ZERO_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
+_prepared = False
+
+
+def prepare_launch(argv: list[str] | None = None) -> list[str]:
+    """Call before Hydra composes. Joins torchrun's process group, fixes the run stamp all ranks agree on,
+    registers the schemas and the `${polyscale_stamp:}` resolver, and (rank > 0) turns off Hydra's files.
+
+    `argv` (default sys.argv) is extended in place with the overrides for non-zero ranks and returned.
+    """
+    argv = sys.argv if argv is None else argv
+    global _prepared
+    init_distributed()
+    init_run_stamp()
+    if not _prepared:
+        atexit.register(destroy_distributed)
+        _prepared = True
+    register_configs()
+    if not OmegaConf.has_resolver("polyscale_stamp"):
+        OmegaConf.register_new_resolver("polyscale_stamp", run_stamp)
+    if dist_info().rank > 0:
+        argv.extend(o for o in _NON_ZERO_RANK_OVERRIDES if o not in argv)
+    return argv
+
+
+@contextlib.contextmanager
+def report_user_errors() -> Iterator[None]:
+    """Turn a PolyscaleError into its one-paragraph message on stderr and exit code 2, without a traceback."""
+    try:
+        yield
+    except PolyscaleError as err:
+        info = dist_info()
+        prefix = f"[rank {info.rank}] " if info.distributed else ""
+        sys.stderr.write(f"\n{prefix}Error ({type(err).__name__}): {err}\n")
+        sys.stderr.flush()
+        sys.exit(EXIT_USER_ERROR)
