@@ -1,6 +1,6 @@
 """Training throughput of the full trainer against a bare hand-written loop, measured in the same run.
 
-Both train the same model (same initial weights) on the same pre-made synthetic batches already on the
+Both train the same model (one instance, shared) on the same pre-made synthetic batches already on the
 device, with the same batch, precision and memory format. The trainer side is `train_one_epoch` with
 everything a real run has per step (loss bookkeeping, non-finite check, LR schedule, logging to
 TensorBoard every `--log-every` steps, progress bar); data loading is excluded from both, so the ratio
@@ -15,7 +15,6 @@ repeats, CUDA times come from CUDA events after warm-up.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
@@ -136,27 +135,24 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(0)
-    base = create_model(args.model, num_classes=10).to(device)
+    # One model, optimizer and scaler serve both loops: same tensors, same memory layout, so that the
+    # ratio measures the loops and not where the allocator happened to put two copies of the weights.
+    model = create_model(args.model, num_classes=10).to(device)
     if args.channels_last:
-        base = base.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, OmegaConf.structured(OptimConfig(lr=0.01, weight_decay=1e-4)))
+    scaler = make_grad_scaler(args.precision, device)
     batches = make_batches(args, device)
     autocast = autocast_factory(args.precision, device)
-    optim_cfg = OmegaConf.structured(OptimConfig(lr=0.01, weight_decay=1e-4))
-    sides = {}
     with tempfile.TemporaryDirectory() as tmp:
         recorder = RunRecorder(tmp, enabled=True)
-        for name in ("bare", "trainer"):
-            model = copy.deepcopy(base)
-            optimizer = build_optimizer(model, optim_cfg)
-            scaler = make_grad_scaler(args.precision, device)
-            if name == "bare":
-                sides[name] = bare_loop(model, optimizer, scaler, autocast, batches)
-            else:
-                sides[name] = trainer_loop(
-                    model, optimizer, scaler, autocast, batches, args, device, recorder
-                )
+        sides = {
+            "bare": bare_loop(model, optimizer, scaler, autocast, batches),
+            "trainer": trainer_loop(model, optimizer, scaler, autocast, batches, args, device, recorder),
+        }
+        for run in sides.values():
             for _ in range(args.warmup):  # allocator, cuDNN autotuning, lazy initialisation
-                sides[name]()
+                run()
         times: dict[str, list[float]] = {"bare": [], "trainer": []}
         for r in range(args.repeats):  # alternate (ABBA), so that noise and position hit both sides alike
             for name in ("bare", "trainer") if r % 2 == 0 else ("trainer", "bare"):
