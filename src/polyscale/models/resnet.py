@@ -20,6 +20,8 @@ import torch
 from timm.layers import SEModule
 from torch import nn
 
+from polyscale.ops.factory import standard_conv
+
 __all__ = [
     "BOTTLENECK_DEPTHS",
     "BasicBlock",
@@ -38,18 +40,8 @@ NormLayer = Callable[[int], nn.Module]
 AttnLayer = Callable[[int], nn.Module]
 
 
-def conv_kxk(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int = 3,
-    stride: int = 1,
-    groups: int = 1,
-    bias: bool = False,
-) -> nn.Conv2d:
-    """The standard spatial conv with "same" padding: the default `conv_layer`."""
-    return nn.Conv2d(
-        in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias
-    )
+# The standard spatial conv with "same" padding: the default `conv_layer` (one definition, in ops).
+conv_kxk = standard_conv
 
 
 class BasicBlock(nn.Module):
