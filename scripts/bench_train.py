@@ -5,7 +5,8 @@ device, with the same batch, precision and memory format. The trainer side is `t
 everything a real run has per step (loss bookkeeping, non-finite check, LR schedule, logging to
 TensorBoard every `--log-every` steps, progress bar); data loading is excluded from both, so the ratio
 isolates the engine's overhead. Repeats alternate between the two; CPU times are medians of wall-clock
-repeats, CUDA times come from CUDA events after warm-up.
+repeats (or of process CPU time, `--clock cpu`), CUDA times come from CUDA events after warm-up. On the
+CPU both run under the malloc tuning `run_training` applies (`--default-malloc` to compare without).
 
     python scripts/bench_train.py                         # CPU: resnet20, 32x32, batch 64
     python scripts/bench_train.py --device cuda --model resnet50 --image-size 224 --batch 128 \
@@ -29,7 +30,7 @@ from torch import nn
 from polyscale.config import OptimConfig, ScheduleConfig
 from polyscale.engine.optim import build_optimizer, build_scheduler
 from polyscale.engine.run_dir import RunRecorder
-from polyscale.engine.runtime import autocast_factory, make_grad_scaler
+from polyscale.engine.runtime import autocast_factory, make_grad_scaler, tune_cpu_allocator
 from polyscale.engine.trainer import StepSettings, TrainState, train_one_epoch
 from polyscale.models import create_model
 
@@ -47,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument(
+        "--default-malloc", action="store_true", help="CPU: keep glibc's default trimming (see runtime.py)"
+    )
     p.add_argument(
         "--clock",
         default="wall",
@@ -134,6 +138,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    if device.type == "cpu" and not args.default_malloc:
+        tune_cpu_allocator()  # as run_training does on the CPU; both loops share this process
     torch.manual_seed(0)
     # One model, optimizer and scaler serve both loops: same tensors, same memory layout, so that the
     # ratio measures the loops and not where the allocator happened to put two copies of the weights.
@@ -175,6 +181,7 @@ def main() -> None:
         "trainer_images_per_s": ips["trainer"],
         "ratio": ratio,
         "clock": args.clock if device.type == "cpu" else "cuda events",
+        "tuned_malloc": device.type == "cpu" and not args.default_malloc,
         "times_s": times,
         "torch": torch.__version__,
     }

@@ -1,5 +1,7 @@
-"""Engine tests run training in-process: one thread each (tiny tensors; no oversubscription on a shared
-2-core machine) and the global torch flags a run sets (deterministic mode) restored afterwards."""
+"""Engine tests run training in-process: restore the global torch flags a run sets (deterministic mode).
+
+(One intra-op thread for in-process tests comes from tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
@@ -17,9 +19,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # engine_helpers
 def _restore_torch_flags() -> Iterator[None]:
     deterministic = torch.are_deterministic_algorithms_enabled()
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from polyscale.config import ModelConfig, TrainerConfig
 from polyscale.engine.build import build_loss, check_model_config, wrap_model
 from polyscale.engine.distributed import DistInfo
 from polyscale.engine.fit import run_training
-from polyscale.engine.runtime import autocast_factory, make_grad_scaler
+from polyscale.engine.runtime import autocast_factory, make_grad_scaler, tune_cpu_allocator
 from polyscale.errors import ConfigError
 
 
@@ -93,3 +95,7 @@ def test_cuda_bf16_channels_last_run_and_resume(tmp_path: Path) -> None:
     last = load(tmp_path / "checkpoints" / "last.pt")
     assert results["num_val_samples"] == 25 and last["global_step"] == 4 and last["rng"][0]["cuda"]
     assert all(t.device.type == "cpu" for t in last["model"].values())  # loaded with map_location=cpu
+
+
+def test_cpu_allocator_tuning_applies_on_glibc() -> None:
+    assert tune_cpu_allocator() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

@@ -29,6 +29,7 @@ from polyscale.engine.runtime import (
     configure_determinism,
     per_rank_val_batch,
     seed_everything,
+    tune_cpu_allocator,
 )
 from polyscale.engine.trainer import StepSettings, evaluate
 from polyscale.errors import CheckpointError, ConfigError
@@ -86,6 +87,8 @@ def evaluate_checkpoint(
     device = resolve_device(cfg.trainer.device, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        tune_cpu_allocator()
     configure_determinism(cfg.trainer.deterministic, device)
     seed_everything(cfg.seed)
     ckpt = load_checkpoint(cfg.checkpoint)

@@ -41,6 +41,7 @@ from polyscale.engine.runtime import (
     make_grad_scaler,
     micro_batch_size,
     seed_everything,
+    tune_cpu_allocator,
 )
 from polyscale.engine.trainer import EvalResult, StepSettings, TrainState, evaluate, train_one_epoch
 from polyscale.errors import CheckpointError, ConfigError
@@ -179,6 +180,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     device = resolve_device(tcfg.device, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        tune_cpu_allocator()
     configure_determinism(tcfg.deterministic, device)
     micro = micro_batch_size(cfg.data.batch_size, info.world_size, tcfg.accum_steps)
     check_model_config(cfg.model, cfg.data.num_classes)  # fail fast, before loading data
