@@ -13,7 +13,6 @@ warm-up.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import platform
 import statistics
@@ -23,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from polyscale.engine.runtime import tune_cpu_allocator
 from polyscale.ops import PSConv2d
 from polyscale.ops.psconv import IMPLS
 
@@ -69,18 +69,6 @@ def build_rows(channels: int, groups: int) -> dict[str, nn.Module]:
         rows[f"psconv ({impl})"] = PSConv2d(channels, channels, 3, groups=groups, impl=impl)
     rows["original design"] = OriginalPSConv(channels, channels, groups)
     return rows
-
-
-def steady_malloc() -> bool:
-    """Keep freed blocks up to 32 MiB in glibc's heap instead of unmapping them, as a caching
-    allocator would: without it every large CPU tensor costs fresh page faults, which vary with the
-    machine's state and add noise. Returns False where it does not apply (no glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers (malloc.h)
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def timer(device: torch.device, clock: str) -> Callable[[Callable[[], None]], float]:
@@ -197,7 +185,11 @@ def main() -> None:
     parser.add_argument("--dtypes", default=None, help="default: float32,bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="CPU only: see timer()")
-    parser.add_argument("--steady-malloc", action="store_true", help="CPU only: see steady_malloc()")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="CPU only: keep freed memory in glibc's heap, as training does (runtime.tune_cpu_allocator)",
+    )
     parser.add_argument("--json", default=None, help="write the rows and the setting to this file")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -210,7 +202,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steady_malloc and not steady_malloc():
+    if args.steady_malloc and not tune_cpu_allocator():
         print("--steady-malloc: mallopt unavailable (not glibc); using the default allocator")
 
     cases = [(c, g) for c, g in [(args.channels, 1), (args.grouped_channels, args.groups)] if c]

@@ -7,7 +7,7 @@ import torch
 from psconv_reference import loop_reference, masked_reference, reference_of
 from torch import nn
 
-from polyscale.ops import PSConv2d
+from polyscale.ops import PSConv2d, psconv
 from polyscale.ops.psconv import IMPLS
 
 AXES = ("both", "input", "output")
@@ -136,3 +136,32 @@ def test_formulations_agree_in_float32() -> None:
         outputs[impl] = module(x)
     for impl, out in outputs.items():
         torch.testing.assert_close(out, outputs["grouped"], rtol=1e-5, atol=1e-5, msg=impl)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_batch_chunking_changes_nothing(
+    impl: str, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU big batches run a few samples at a time (psconv.CPU_CHUNK_BYTES): same values."""
+    module = PSConv2d(16, 12, 3, groups=4, bias=True, impl=impl).double()
+    x = torch.randn(5, 16, 9, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    per_sample = x[0].numel() * x.element_size()
+
+    def run(chunk_bytes: int) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(psconv, "CPU_CHUNK_BYTES", chunk_bytes)
+        xg = x.clone().requires_grad_()
+        out = module(xg)
+        grads = torch.autograd.grad(out, [xg, module.weight, module.bias], torch.ones_like(out) * 0.5)
+        return (out, *grads)
+
+    assert psconv.cpu_chunk_size(x) == 5  # the default budget holds this whole batch
+    whole = run(0)
+    monkeypatch.setattr(psconv, "CPU_CHUNK_BYTES", 2 * per_sample)
+    assert psconv.cpu_chunk_size(x) == 2  # chunks of 2, 2, 1
+    chunked = run(2 * per_sample)
+    assert chunked[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

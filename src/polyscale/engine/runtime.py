@@ -49,19 +49,20 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
 def tune_cpu_allocator() -> bool:
     """Let glibc's malloc keep freed memory instead of handing it back to the OS after every step.
 
-    PyTorch allocates CPU tensors with plain malloc. With glibc's defaults the heap top is trimmed (and
-    large blocks unmapped) as soon as a step frees its activations, so the next step page-faults the same
-    megabytes in again: 8-12% of a small CNN's CPU step, and more for the trainer's slightly different
-    allocation pattern than for a bare loop (measured with scripts/bench_train.py). A 2 GiB trim threshold
-    and 1 GiB top pad remove that churn; the price is a resident size that stays at its peak. Returns
-    whether the settings were applied (glibc only; a no-op elsewhere).
+    PyTorch allocates CPU tensors with plain malloc. With glibc's defaults, blocks above a (dynamic)
+    threshold are mmap'ed and unmapped one by one and the heap top is trimmed as soon as a step frees its
+    activations, so the next step page-faults the same megabytes in again: 5-14% of a small CNN's CPU
+    step, half of a PSConv layer's (scripts/bench_train.py, scripts/bench_conv.py). Serving blocks up to
+    32 MiB (glibc's maximum) from the heap and never trimming it removes that churn; the price is a
+    resident size that stays at its peak. Returns whether the settings were applied (glibc only).
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad = -1, -2  # mallopt parameter numbers from <malloc.h>
-        return bool(libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 2**30))
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
+        # (setting either also turns off glibc's dynamic mmap threshold, so both are needed)
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
 

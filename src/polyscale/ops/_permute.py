@@ -17,11 +17,10 @@ from torch.autograd.function import once_differentiable
 class _PermutedAdd(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, out: Tensor, y: Tensor, blocks: tuple[int, int, int], perm: Tensor, inverse: Tensor
+        ctx: Any, out: Tensor, y: Tensor, blocks: tuple[int, int, int], perm: Tensor, inverse: tuple[int, ...]
     ) -> Tensor:
         # blocks = (groups, blocks per group, channels per block); view (N, G, m, b, H, W)
-        ctx.blocks = blocks
-        ctx.save_for_backward(inverse)
+        ctx.blocks, ctx.inverse = blocks, inverse
         ctx.mark_dirty(out)
         out.unflatten(1, blocks).index_add_(2, perm, y.unflatten(1, blocks))
         return out
@@ -29,16 +28,17 @@ class _PermutedAdd(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (inverse,) = ctx.saved_tensors
-        # grad_y[:, g, j] = grad[:, g, perm[j]], written as a scatter: CPU index_add_ moves whole
-        # blocks, while index_copy_ / index_select go element by element (5-8x slower here)
-        grad_y = torch.zeros_like(grad)
-        grad_y.unflatten(1, ctx.blocks).index_add_(2, inverse, grad.unflatten(1, ctx.blocks))
+        # grad_y[:, g, j] = grad[:, g, perm[j]]: one strided block copy per j (a single pass, no zero
+        # fill); CPU index_select / index_copy_ go element by element here (5-8x slower)
+        grad_y = torch.empty_like(grad)
+        src, dst = grad.unflatten(1, ctx.blocks), grad_y.unflatten(1, ctx.blocks)
+        for i, j in enumerate(ctx.inverse):
+            dst.select(2, j).copy_(src.select(2, i))
         return grad, grad_y, None, None, None
 
 
 def permuted_add_(
-    out: Tensor, y: Tensor, blocks: tuple[int, int, int], perm: Tensor, inverse: Tensor
+    out: Tensor, y: Tensor, blocks: tuple[int, int, int], perm: Tensor, inverse: tuple[int, ...]
 ) -> Tensor:
     """In place: out[:, g, perm[j]] += y[:, g, j] over the (groups, m, block) split of the channels.
 

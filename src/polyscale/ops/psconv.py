@@ -17,10 +17,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyscale.ops import _checks
+from polyscale.ops import _checks, _dilated
 from polyscale.ops._permute import permuted_add_
 from polyscale.ops.psconv_plan import (
     AXES,
@@ -41,6 +40,22 @@ DEFAULT_IMPL = {"cpu": "grouped", "cuda": "grouped"}
 # ... and where each dilation class holds ONE channel per group (ResNeXt-50 layer1: 4 channels per
 # group, t = 4): oneDNN runs depthwise convs much faster than 2-channel groups, so "shifts" wins.
 SINGLE_CHANNEL_CLASS_IMPL = {"cpu": "shifts"}
+
+
+# CPU: run the layer on chunks of the batch whose input is at most this many bytes (at least one
+# sample). A PSConv is a sum of several convolutions; on a whole large batch every term's output and
+# the running sum leave the cache, and the layer becomes memory-bound. Measured with
+# scripts/bench_conv.py on a 2-core EPYC (docs/operators.md): 1.5x faster forward+backward for
+# ResNeXt-50 layer1 (8 x 128 x 56 x 56), neutral for small layers. 0 turns chunking off.
+CPU_CHUNK_BYTES = 2 << 20
+
+
+def cpu_chunk_size(x: Tensor) -> int:
+    """Samples per chunk for input x on the CPU (see CPU_CHUNK_BYTES): the whole batch when it fits."""
+    per_sample = x[0].numel() * x.element_size()
+    if CPU_CHUNK_BYTES <= 0 or per_sample == 0:
+        return x.shape[0]
+    return min(x.shape[0], max(1, CPU_CHUNK_BYTES // per_sample))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -178,8 +193,7 @@ class PSConv2d(nn.Module):
             size, perm = blocks
             inverse = sorted(range(len(perm)), key=perm.__getitem__)
             self.register_buffer(f"_perm_{impl}_{i}", torch.tensor(perm), persistent=False)
-            self.register_buffer(f"_inverse_{impl}_{i}", torch.tensor(inverse), persistent=False)
-            self._placement[impl].append((self.groups, len(perm), size))
+            self._placement[impl].append(((self.groups, len(perm), size), tuple(inverse)))
 
     def _term_weight(self, term: ConvTerm, rows: Tensor | None) -> Tensor:
         """The conv weight of one term, gathered from the dense weight (differentiable, small)."""
@@ -224,23 +238,35 @@ class PSConv2d(nn.Module):
             return out.add_(y)
         if placement == "scatter":
             return out.index_add_(1, getattr(self, f"_rows_{impl}_{i}"), y)
-        perm, inverse = getattr(self, f"_perm_{impl}_{i}"), getattr(self, f"_inverse_{impl}_{i}")
-        return permuted_add_(out, y, placement, perm, inverse)  # whole blocks move, one pass each way
+        blocks, inverse = placement
+        perm = getattr(self, f"_perm_{impl}_{i}")
+        return permuted_add_(out, y, blocks, perm, inverse)  # whole blocks move, one pass each way
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C_in, H, W) -> (N, C_out, H', W')
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         impl = self.impl or self.default_impl(x.device.type)
+        weights = [
+            self._term_weight(term, getattr(self, f"_rows_{impl}_{i}", None))
+            for i, term in enumerate(self._plans[impl])
+        ]  # gathered once, shared by all chunks
+        chunk = cpu_chunk_size(x) if x.device.type == "cpu" else x.shape[0]
+        if chunk >= x.shape[0]:
+            return self._forward(x, impl, weights)
+        # CPU: a few samples at a time, so the terms' outputs and sums stay in cache (docs/operators.md)
+        return torch.cat([self._forward(part, impl, weights) for part in x.split(chunk)])
+
+    def _forward(self, x: Tensor, impl: str, weights: list[Tensor]) -> Tensor:
         plan, concat = self._plans[impl], self._concat[impl]
         # the first term seeds the sum (and adds the bias) when it writes every channel in order
         seeded = concat is None and self._placement[impl][0] == "add"
         half = (self.kernel_size[0] - 1) // 2
         ys, out = [], None
-        for i, (term, inp) in enumerate(zip(plan, self._term_inputs(x, plan))):
-            weight = self._term_weight(term, getattr(self, f"_rows_{impl}_{i}", None))
+        for i, (term, inp, weight) in enumerate(zip(plan, self._term_inputs(x, plan), weights)):
             padding = tuple(p + (term.dilation - 1) * half for p in self.padding)  # same centres
             bias = self.bias if seeded and i == 0 else None
-            y = F.conv2d(inp, weight, bias, self.stride, padding, term.dilation, self.groups * term.groups)
+            groups = self.groups * term.groups
+            y = _dilated.conv2d(inp, weight, bias, self.stride, padding, term.dilation, groups)
             if concat is not None:
                 ys.append(y)
             elif seeded and i == 0:
