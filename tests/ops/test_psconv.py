@@ -165,3 +165,42 @@ def test_cpu_batch_chunking_changes_nothing(
     assert chunked[0].is_contiguous(memory_format=torch.channels_last) == channels_last
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_autotune_keeps_the_fastest_formulation_per_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """impl=None + cudnn.benchmark on a tuned device: each formulation timed once, the fastest kept."""
+    monkeypatch.setattr(psconv, "AUTOTUNE_DEVICES", frozenset({"cpu"}))  # CUDA's logic, on the CPU
+    monkeypatch.setattr(psconv, "_TUNED", {})
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    fake = {"grouped": 3.0, "shifts": 1.0, "blocks": 2.0}  # seconds per call, by formulation
+    ran: list[str] = []
+    real_run = PSConv2d._run
+
+    def spy_run(self: PSConv2d, x: torch.Tensor, impl: str) -> torch.Tensor:
+        ran.append(impl)
+        return real_run(self, x, impl)
+
+    monkeypatch.setattr(PSConv2d, "_run", spy_run)
+    monkeypatch.setattr(psconv, "_seconds", lambda fn, device: (fn(), fake[ran[-1]])[1])
+    module = PSConv2d(8, 8, 3).double()
+    reference = PSConv2d(8, 8, 3, impl="grouped").double()
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    out = module(x)
+    assert sorted(set(ran)) == sorted(IMPLS) and ran[-1] == "shifts"  # timed all, then ran the fastest
+    assert list(psconv.autotuned().values()) == ["shifts"]
+    assert module.weight.grad is None  # timing the backward leaves no gradient behind
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-12)
+
+    ran.clear()
+    module(x)
+    assert ran == ["shifts"]  # same signature: no new timing
+    with torch.no_grad():
+        module(x)  # another signature (no grad): timed again, forward only
+    assert len(psconv.autotuned()) == 2
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    ran.clear()
+    module(torch.randn(3, 8, 6, 6, dtype=torch.float64))
+    assert ran == [module.default_impl("cpu")] and len(psconv.autotuned()) == 2  # off: the default

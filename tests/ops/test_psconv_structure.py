@@ -14,7 +14,7 @@ from psconv_reference import loop_reference, masked_reference, reference_of
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyscale.ops import PSConv2d
+from polyscale.ops import PSConv2d, psconv
 from polyscale.ops.psconv import IMPLS
 
 PATTERN = (1, 2, 1, 4)
@@ -201,16 +201,29 @@ def test_module_copies_and_device_moves() -> None:
     assert moved(x.to("meta")).shape == (1, 16, 8, 8)
 
 
-def test_torch_compile_traces_one_graph() -> None:
-    """fullgraph capture (dynamo + AOT autograd, eager kernels): same outputs and gradients."""
-    module = PSConv2d(8, 8, bias=True, impl="grouped")
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"in_channels": 8, "out_channels": 8, "bias": True, "impl": "grouped"},
+        # one channel per class: dilated depthwise terms with their custom CPU backward (ops/_dilated.py)
+        {"in_channels": 16, "out_channels": 16, "groups": 4, "impl": "shifts"},
+    ],
+)
+def test_torch_compile_traces_one_graph(kwargs: dict, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fullgraph capture (dynamo + AOT autograd, eager kernels): same outputs and gradients, also with
+    the CPU batch chunks (psconv.CPU_CHUNK_BYTES) in the traced graph."""
+    x = torch.randn(3, kwargs["in_channels"], 10, 10, requires_grad=True)
+    if chunked:
+        monkeypatch.setattr(psconv, "CPU_CHUNK_BYTES", x[0].numel() * x.element_size())
+    module = PSConv2d(**kwargs)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 8, 10, 10, requires_grad=True)
     out = compiled(x)
     torch.testing.assert_close(out, module(x))
-    (grad,) = torch.autograd.grad(out.sum(), [x])
-    (expected,) = torch.autograd.grad(module(x).sum(), [x])
-    torch.testing.assert_close(grad, expected)
+    grads = torch.autograd.grad(out.square().sum(), [x, module.weight])
+    expected = torch.autograd.grad(module(x).square().sum(), [x, module.weight])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_ddp_gradients_match_single_process(tmp_path) -> None:

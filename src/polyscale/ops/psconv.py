@@ -13,8 +13,11 @@ runs as a handful of grouped dilated convolutions with no input copies.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +61,31 @@ def cpu_chunk_size(x: Tensor) -> int:
     return min(x.shape[0], max(1, CPU_CHUNK_BYTES // per_sample))
 
 
+# Devices where impl=None measures instead of trusting DEFAULT_IMPL, when torch.backends.cudnn.benchmark
+# is on (the trainer's setting on GPUs unless trainer.deterministic): like cuDNN's own algorithm search,
+# the first call for each layer configuration and input signature times every formulation (forward,
+# plus backward when grad is enabled) and keeps the fastest for the rest of the process.
+AUTOTUNE_DEVICES = frozenset({"cuda"})
+AUTOTUNE_REPEATS = 3
+_TUNED: dict[tuple, str] = {}
+
+
+def autotuned() -> dict[tuple, str]:
+    """The formulations chosen so far: {(layer config, input signature): impl}."""
+    return dict(_TUNED)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of fn(), with the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     """channels_last for NHWC-strided tensors, else contiguous (what nn.Conv2d's output follows)."""
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -71,7 +99,8 @@ class PSConv2d(nn.Module):
     padding + (d - 1)(k - 1) / 2 so all kernels share centres and the output grid, at any stride.
     `impl` picks the formulation ("grouped", "shifts" or "blocks": the same values, different
     convolution splits, see psconv_plan.build_plan); None picks the fastest measured for the
-    input's device (`default_impl`).
+    input's device (`default_impl`), or on CUDA with torch.backends.cudnn.benchmark on, times them
+    all once per layer configuration and input signature and keeps the fastest (AUTOTUNE_DEVICES).
     """
 
     def __init__(
@@ -245,7 +274,9 @@ class PSConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (N, C_in, H, W) -> (N, C_out, H', W')
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        impl = self.impl or self.default_impl(x.device.type)
+        return self._run(x, self._choose_impl(x))
+
+    def _run(self, x: Tensor, impl: str) -> Tensor:
         weights = [
             self._term_weight(term, getattr(self, f"_rows_{impl}_{i}", None))
             for i, term in enumerate(self._plans[impl])
@@ -255,6 +286,58 @@ class PSConv2d(nn.Module):
             return self._forward(x, impl, weights)
         # CPU: a few samples at a time, so the terms' outputs and sums stay in cache (docs/operators.md)
         return torch.cat([self._forward(part, impl, weights) for part in x.split(chunk)])
+
+    def _choose_impl(self, x: Tensor) -> str:
+        """self.impl if set; else the autotuned choice (AUTOTUNE_DEVICES) or the device's default."""
+        if self.impl is not None:
+            return self.impl
+        device = x.device.type
+        if (
+            device not in AUTOTUNE_DEVICES
+            or not torch.backends.cudnn.benchmark
+            or torch.compiler.is_compiling()
+        ):
+            return self.default_impl(device)
+        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        config = (
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.groups,
+        )
+        config += (self.dilation_pattern, self.axes, self.bias is not None)
+        signature = (
+            tuple(x.shape),
+            x.dtype,
+            _memory_format(x),
+            str(x.device),
+            torch.is_grad_enabled(),
+            autocast,
+        )
+        key = (config, signature)
+        if key not in _TUNED:
+            _TUNED[key] = self._fastest_impl(x)
+        return _TUNED[key]
+
+    def _fastest_impl(self, x: Tensor) -> str:
+        """Time every formulation on x (forward, and backward to x and the weights when grad is on)."""
+        grad = torch.is_grad_enabled()
+        params = [p for p in self.parameters() if p.requires_grad] if grad else []
+
+        def step(impl: str) -> None:
+            inp = x.detach().requires_grad_(grad)
+            out = self._run(inp, impl)
+            if grad:  # autograd.grad: nothing lands in .grad
+                torch.autograd.grad(out, [inp, *params], torch.ones_like(out))
+
+        times = {}
+        for impl in IMPLS:
+            step(impl)  # warm-up (cuDNN's own search, allocations)
+            run = functools.partial(step, impl)
+            times[impl] = statistics.median(_seconds(run, x.device) for _ in range(AUTOTUNE_REPEATS))
+        return min(times, key=times.__getitem__)
 
     def _forward(self, x: Tensor, impl: str, weights: list[Tensor]) -> Tensor:
         plan, concat = self._plans[impl], self._concat[impl]
