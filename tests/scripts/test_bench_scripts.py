@@ -1,0 +1,164 @@
+"""scripts/bench_data.py run as a command in tiny settings: rows, rates, ratios, image counts (JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from script_helpers import REPO, load_script
+
+from polyscale.data.memory import load_cifar
+
+IMAGENET_BASELINE = "baseline (ImageFolder + v2)"
+CIFAR_BASELINE = "baseline (CIFAR10 + v2)"
+
+
+def run_script(command: list[str], timeout: int, **env_vars: str) -> subprocess.CompletedProcess:
+    """`command` in the repo root, single-threaded, outside any torchrun environment; must succeed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env_vars}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """`python scripts/bench_data.py ARGS --out tmp_path/bench.json` in the repo root: (JSON, stdout)."""
+    out = tmp_path / "bench.json"
+    done = run_script([sys.executable, "scripts/bench_data.py", *args, "--out", str(out)], timeout=180)
+    assert f"wrote {out}" in done.stdout
+    return json.loads(out.read_text()), done.stdout
+
+
+def check_rates(row: dict[str, Any], images: int) -> None:
+    """Positive finite rates, consistent with the epoch's image count and median times."""
+    assert row["images"] == images, row
+    for key in ("images_per_s", "images_per_cpu_s", "wall_s", "cpu_s"):
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+    assert row["images_per_s"] == pytest.approx(images / row["wall_s"])
+    assert row["images_per_cpu_s"] == pytest.approx(images / row["cpu_s"])
+
+
+def check_ratios(row: dict[str, Any], base: dict[str, Any]) -> None:
+    assert row["speedup_wall"] == pytest.approx(row["images_per_s"] / base["images_per_s"])
+    assert row["speedup_cpu"] == pytest.approx(row["images_per_cpu_s"] / base["images_per_cpu_s"])
+
+
+def test_imagenet_mode_rows_rates_ratios(tmp_path: Path) -> None:
+    args = ("--images", "24", "--classes", "3", "--workers", "0", "--repeats", "1", "--batch-size", "10")
+    result, stdout = run_bench(tmp_path, *args)
+    decoders = ["pil", "torchvision"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = result["results"]
+    assert [(r["decoder"], r["workers"]) for r in rows] == [(d, 0) for d in [IMAGENET_BASELINE, *decoders]]
+    assert result["settings"] | {"mean_file_kb": None} == {
+        "pipeline": "imagenet",
+        "images": 24,
+        "mean_file_kb": None,
+        "batch_size": 10,
+        "repeats": 1,
+        "crop": 224,
+    }
+    assert result["settings"]["mean_file_kb"] > 0
+    assert result["command"] == "python scripts/bench_data.py " + " ".join(
+        [*args, "--out", str(tmp_path / "bench.json")]
+    )
+    for row in rows:
+        check_rates(row, images=20)  # 24 files, batches of 10, incomplete batch dropped
+        check_ratios(row, rows[0])
+        assert f"{row['decoder']:<28} {0:>7} {row['images_per_s']:>9.1f}" in stdout
+    assert rows[0]["speedup_wall"] == rows[0]["speedup_cpu"] == 1.0
+
+
+def test_cifar_mode_rows_rates_ratios(tmp_path: Path) -> None:
+    args = ("--pipeline", "cifar", "--cifar-images", "300", "--workers", "0", "--device", "cpu")
+    result, stdout = run_bench(tmp_path, *args, "--repeats", "2", "--batch-size", "64")
+    rows = result["results"]
+    assert [(r["pipeline"], r["workers"], r["device"]) for r in rows] == [
+        (CIFAR_BASELINE, 0, "cpu"),
+        ("cpu path", 0, "cpu"),
+        ("gpu_augment", 0, "cpu"),
+    ]
+    settings = result["settings"]
+    assert (settings["pipeline"], settings["images"], settings["generated"]) == ("cifar", 300, True)
+    assert (settings["batch_size"], settings["repeats"], settings["crop"], settings["padding"]) == (
+        64,
+        2,
+        32,
+        4,
+    )
+    assert settings["device"] == "cpu" and "baseline_workers" in settings["ratios"]
+    for row in rows:
+        check_rates(row, images=256)  # 300 images, batches of 64, incomplete batch dropped
+        assert row["baseline_workers"] == 0
+        check_ratios(row, rows[0])
+    assert "gpu_augment" in stdout and "0 workers" in stdout
+
+
+def test_cifar_gpu_augment_row_compares_with_the_fewest_worker_baseline(tmp_path: Path) -> None:
+    args = ("--cifar", "--cifar-images", "130", "--workers", "2", "1", "--device", "cpu")  # --cifar: alias
+    result, _ = run_bench(tmp_path, *args, "--repeats", "1", "--batch-size", "32")
+    rows = {(r["pipeline"], r["workers"]): r for r in result["results"]}
+    assert set(rows) == {(p, w) for p in (CIFAR_BASELINE, "cpu path") for w in (1, 2)} | {("gpu_augment", 0)}
+    for (_, workers), row in rows.items():
+        check_rates(row, images=128)
+        assert row["baseline_workers"] == (workers or 1)
+        check_ratios(row, rows[CIFAR_BASELINE, row["baseline_workers"]])
+
+
+def test_generated_cifar_files_are_what_the_loader_reads(tmp_path: Path) -> None:
+    """torchvision's python layout, uneven split over the five batches, a test batch, class names."""
+    bench = load_script("bench_data")
+    bench.make_cifar10(tmp_path, 303)
+    folder = tmp_path / "cifar-10-batches-py"
+    names = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
+    assert {p.name for p in folder.iterdir()} == names
+    images, targets, classes = load_cifar("cifar10", str(tmp_path), train=True)
+    assert images.shape == (303, 3, 32, 32) and images.dtype == torch.uint8
+    assert targets.shape == (303,) and 0 <= int(targets.min()) <= int(targets.max()) < 10
+    assert classes == [f"class{i}" for i in range(10)]
+    assert load_cifar("cifar10", str(tmp_path), train=False)[0].shape == (60, 3, 32, 32)
+    assert len(bench.UncheckedCIFAR10(str(tmp_path), train=True)) == 303  # the baseline reads them too
+
+
+def test_gpu_report_runs_every_benchmark_quick_on_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_report.sh (the one command for a GPU machine), smoke-run on the CPU: every bench
+    writes its JSON, with the layers / models / ratios the docs take from it."""
+    run_script(
+        ["bash", "scripts/gpu_report.sh", str(tmp_path / "report")], timeout=300, DEVICE="cpu", QUICK="1"
+    )
+    report = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "report").glob("*.json")}
+    assert set(report) == {
+        "bench_conv",
+        "profile_models",
+        "bench_data",
+        "bench_data_cifar",
+        "bench_train_resnet",
+        "bench_train_psresnet",
+    }
+    conv = report["bench_conv"]["rows"]
+    assert {r["layer"] for r in conv} >= {
+        "standard 3x3",
+        "psconv (grouped)",
+        "psconv (shifts)",
+        "original design",
+    }
+    for row in conv:
+        standard = next(
+            r["ms"]
+            for r in conv
+            if r["layer"] == "standard 3x3"
+            and all(r[k] == row[k] for k in ("case", "dtype", "format", "mode"))
+        )
+        assert row["ratio"] == pytest.approx(row["ms"] / standard)
+    models = {m["name"]: m for m in report["profile_models"]["models"]}
+    assert models["ps_resnet20"]["params"] == models["resnet20"]["params"]  # parameter-neutral
+    assert models["ps_resnet20"]["train_img_s"] > 0 and models["ps_resnet20"]["baseline"] == "resnet20"
+    assert report["bench_train_psresnet"]["model"] == "ps_resnet20"
+    assert (tmp_path / "report" / "versions.txt").read_text().count("torch") >= 1
