@@ -172,7 +172,7 @@ def test_autotune_keeps_the_fastest_formulation_per_signature(monkeypatch: pytes
     monkeypatch.setattr(psconv, "AUTOTUNE_DEVICES", frozenset({"cpu"}))  # CUDA's logic, on the CPU
     monkeypatch.setattr(psconv, "_TUNED", {})
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    fake = {"grouped": 3.0, "shifts": 1.0, "blocks": 2.0}  # seconds per call, by formulation
+    fake = dict.fromkeys(IMPLS, 3.0) | {"shifts": 1.0, "blocks": 2.0}  # seconds per call, by formulation
     ran: list[str] = []
     real_run = PSConv2d._run
 

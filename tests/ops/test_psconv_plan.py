@@ -79,9 +79,14 @@ def test_permuted_add_forward_and_backward(channels_last, groups, perm, size) ->
 
 
 def test_default_formulation_per_device() -> None:
-    """CPU: "grouped", except one-channel classes (ResNeXt-50 layer1) where "shifts" is faster."""
+    """CPU: "grouped", except classes of 1-2 channels per group (ResNeXt-50 layers 1-2), where the
+    all-depthwise split is faster (for 1-channel classes it is exactly the "shifts" plan)."""
     assert PSConv2d(64, 64).default_impl("cpu") == "grouped"
-    assert PSConv2d(256, 256, groups=32).default_impl("cpu") == "grouped"
-    assert PSConv2d(128, 128, groups=32).default_impl("cpu") == "shifts"
+    assert PSConv2d(512, 512, groups=32).default_impl("cpu") == "grouped"  # 4 channels per class
+    assert PSConv2d(256, 256, groups=32).default_impl("cpu") == "depthwise"  # 2 channels per class
+    assert PSConv2d(128, 128, groups=32).default_impl("cpu") == "depthwise"  # 1 channel per class
+    module = PSConv2d(128, 128, groups=32)
+    assert module._plans["depthwise"] == module._plans["shifts"]
+    assert all(term.in_per_group == 1 for term in PSConv2d(256, 256, groups=32)._plans["depthwise"])
     assert PSConv2d(128, 128, groups=32).default_impl("cuda") == "grouped"
     assert PSConv2d(128, 128, groups=32, impl="blocks").impl == "blocks"  # explicit choice wins

@@ -266,7 +266,10 @@ def test_torch_compile_inductor() -> None:
         ({"out_channels": 10, "groups": 4}, r"groups=4 must divide out_channels=10"),
         ({"groups": 8}, r"dilation_pattern has 4 rates but each group has only in_channels/groups=2"),
         ({"axes": "spatial"}, r"axes must be one of \('both', 'input', 'output'\)"),
-        ({"impl": "triton"}, r"impl must be None .* or one of \('grouped', 'shifts', 'blocks'\)"),
+        (
+            {"impl": "triton"},
+            r"impl must be None .* or one of \('grouped', 'shifts', 'blocks', 'depthwise'\)",
+        ),
         ({"stride": 0}, r"stride must be an int >= 1"),
         ({"padding": -1}, r"padding must be an int >= 0"),
         ({"in_channels": 0}, r"in_channels must be a positive integer"),

@@ -40,9 +40,11 @@ IMPLS = PLAN_MODES  # formulations, see psconv_plan.build_plan ("blocks" is the 
 # Fastest formulation per device type, measured with scripts/bench_conv.py (docs/operators.md). CUDA
 # was not measured in the session that wrote this; "grouped" is also the fewest kernel launches there.
 DEFAULT_IMPL = {"cpu": "grouped", "cuda": "grouped"}
-# ... and where each dilation class holds ONE channel per group (ResNeXt-50 layer1: 4 channels per
-# group, t = 4): oneDNN runs depthwise convs much faster than 2-channel groups, so "shifts" wins.
-SINGLE_CHANNEL_CLASS_IMPL = {"cpu": "shifts"}
+# ... and where each dilation class holds at most SMALL_CLASS_CHANNELS channels per group (ResNeXt-50
+# layer1 and layer2: 4 and 8 channels per group, t = 4): oneDNN runs depthwise convs much faster than
+# 2- and 4-channel groups, so the all-depthwise split wins (for 1-channel classes it is "shifts").
+SMALL_CLASS_IMPL = {"cpu": "depthwise"}
+SMALL_CLASS_CHANNELS = 2
 
 
 # CPU: run the layer on chunks of the batch whose input is at most this many bytes (at least one
@@ -198,8 +200,8 @@ class PSConv2d(nn.Module):
 
     def default_impl(self, device_type: str) -> str:
         """The formulation used when impl=None, for inputs on `device_type` ("cpu", "cuda", ...)."""
-        if self.in_channels // self.groups < 2 * len(self.dilation_pattern):
-            return SINGLE_CHANNEL_CLASS_IMPL.get(device_type, DEFAULT_IMPL.get(device_type, "grouped"))
+        if self.in_channels // self.groups <= SMALL_CLASS_CHANNELS * len(self.dilation_pattern):
+            return SMALL_CLASS_IMPL.get(device_type, DEFAULT_IMPL.get(device_type, "grouped"))
         return DEFAULT_IMPL.get(device_type, "grouped")
 
     def _compile(self, impl: str) -> None:

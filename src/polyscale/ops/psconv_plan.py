@@ -176,7 +176,24 @@ def _pair_rectangles(layout: Layout, matrix: list[list[int]], dilation: int, shi
     return sorted(rects)
 
 
-PLAN_MODES = ("grouped", "shifts", "blocks")
+def _diagonal_entries(
+    layout: Layout, matrix: list[list[int]], dilation: int, shift: int, member: int
+) -> list:
+    """Depthwise split of the class pairs (b, a = b + shift) at `dilation`: input member r of class a
+    feeds output member (r - member) mod m of class b, as 1 x 1 rectangles (square class blocks)."""
+    t = len(layout.order)
+    rects = []
+    for a in layout.order:
+        b = (a - shift) % t
+        if matrix[b][a] == dilation and layout.in_sizes[a]:
+            m = layout.in_sizes[a]
+            for r in range(m):
+                start = layout.in_offsets[a] + r
+                rects.append((start, start + 1, (layout.out_offsets[b] + (r - member) % m,)))
+    return sorted(rects)
+
+
+PLAN_MODES = ("grouped", "shifts", "blocks", "depthwise")
 
 
 def build_plan(layout: Layout, matrix: list[list[int]], mode: str) -> tuple[ConvTerm, ...]:
@@ -185,18 +202,28 @@ def build_plan(layout: Layout, matrix: list[list[int]], mode: str) -> tuple[Conv
     "grouped": same-dilation rectangles merged into grouped convs (fewest convs); "shifts": one
     grouped conv per (dilation, cyclic shift) of class pairs, i.e. convs with per-group width C/t
     (depthwise-like for tiny groups, which CPU kernels run faster than 2-channel groups);
-    "blocks": one conv per rectangle, nothing merged (the naive formulation).
+    "blocks": one conv per rectangle, nothing merged (the naive formulation); "depthwise": "shifts"
+    with every class-pair block split further into its m cyclic diagonals, so every conv is
+    depthwise (t * m convs for classes of m channels; needs equal class sizes, else it is "shifts").
     """
+    t = len(layout.order)
     dilations = list(dict.fromkeys(d for row in matrix for d in row))
-    if mode == "shifts":
-        shifts = range(len(layout.order))
-        rect_lists = [_pair_rectangles(layout, matrix, d, s) for d in dilations for s in shifts]
+    m = layout.in_sizes[0]
+    square = layout.in_sizes == layout.out_sizes and all(size == m for size in layout.in_sizes)
+    if mode == "depthwise" and square:
+        parts = [
+            (d, _diagonal_entries(layout, matrix, d, s, b))
+            for d in dilations
+            for s in range(t)
+            for b in range(m)
+        ]
+    elif mode in ("shifts", "depthwise"):
+        parts = [(d, _pair_rectangles(layout, matrix, d, s)) for d in dilations for s in range(t)]
     else:
-        rect_lists = [_rectangles(layout, matrix, d) for d in dilations]
-    dilation_of = [d for d in dilations for _ in (shifts if mode == "shifts" else [0])]
+        parts = [(d, _rectangles(layout, matrix, d)) for d in dilations]
     terms = [
         ConvTerm(d, run[0][0], run[-1][1], len(run), tuple(r for _, _, rows in run for r in rows))
-        for d, rects in zip(dilation_of, rect_lists)
+        for d, rects in parts
         for run in _merge(rects, mode != "blocks")
     ]
     # the term that writes every output channel in order (if any) goes first: it seeds the sum
