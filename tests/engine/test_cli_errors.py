@@ -22,6 +22,7 @@ TRAIN = (*TINY, "trainer.epochs=1")
         (["model.name=no_such_net"], 2, ["Unknown model 'no_such_net'", "Set model=NAME to one of"]),
         (["model/conv=no_such_conv"], 1, ["Could not find 'model/conv/no_such_conv'", "psconv"]),
         (["model.conv.name=no_such_conv"], 2, ["no_such_conv", "psconv"]),
+        (["model=ps_resnet20", "model.conv.impl=triton"], 2, ["impl must be None", "'depthwise'"]),
         (["data.name=no_such_data"], 2, ["data.name='no_such_data'", "imagenet"]),
         (["data=imagefolder", "data.root=/no/such/folder"], 2, ["/no/such/folder", "data.root"]),
         (["data.batch_size=15", "trainer.accum_steps=2"], 2, ["data.batch_size=15 is the global batch"]),

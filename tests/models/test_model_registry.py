@@ -209,6 +209,16 @@ def test_config_conv_override_equals_ps_name(compose_model) -> None:
     assert model.fc.out_features == 5 and model.layer1[0].conv2.levels[0].weight.shape == (32, 4, 3, 3)
 
 
+def test_config_picks_the_psconv_formulation(compose_model) -> None:
+    from polyscale.ops import PSConv2d
+
+    for impl, expected in ((None, None), ("depthwise", "depthwise")):
+        overrides = ["model=ps_resnet20"] + ([f"model.conv.impl={impl}"] if impl else [])
+        model = build_model_from_config(compose_model(*overrides), num_classes=10)
+        convs = [m for m in model.modules() if isinstance(m, PSConv2d)]
+        assert convs and all(m.impl == expected for m in convs)
+
+
 def test_build_from_dataclass_needs_a_class_count() -> None:
     model = build_model_from_config(ModelConfig(name="resnet20"), num_classes=3)
     assert model.fc.out_features == 3

@@ -17,6 +17,9 @@ class ConvConfig:
     # PSConv (PSConv paper, Eq. 3): cyclic dilation pattern, t = len(pattern), and the axes it varies on.
     dilation_pattern: list[int] = field(default_factory=lambda: [1, 2, 1, 4])
     axes: str = "both"  # both | input | output
+    # PSConv formulation (same values, different conv splits; docs/operators.md): null = the fastest
+    # measured per device (autotuned on CUDA under cudnn.benchmark) | grouped | shifts | blocks | depthwise
+    impl: str | None = None
     # PyConv: per-stage pyramid kernels and groups (one list per stage); null = PyConvResNet's defaults.
     kernel_sizes: list[list[int]] | None = None
     groups: list[list[int]] | None = None

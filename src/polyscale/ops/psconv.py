@@ -99,7 +99,7 @@ class PSConv2d(nn.Module):
 
     `padding` is the padding of the dilation-1 kernels (None: k // 2, "same"); dilation d gets
     padding + (d - 1)(k - 1) / 2 so all kernels share centres and the output grid, at any stride.
-    `impl` picks the formulation ("grouped", "shifts" or "blocks": the same values, different
+    `impl` picks the formulation ("grouped", "shifts", "blocks" or "depthwise": the same values, different
     convolution splits, see psconv_plan.build_plan); None picks the fastest measured for the
     input's device (`default_impl`), or on CUDA with torch.backends.cudnn.benchmark on, times them
     all once per layer configuration and input signature and keeps the fastest (AUTOTUNE_DEVICES).
