@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,7 @@ def test_fast_backward_matches_autograd(
     b = torch.randn(channels * multiplier, dtype=torch.float64, requires_grad=True)
     args = ((1, 1), (padding, padding), dilation, channels)
     out, got = _grads(lambda x, w, b: _dilated.conv2d(x, w, b, *args), x, w, b)
-    assert out.grad_fn is not None and "DilatedDepthwise" in type(out.grad_fn).__name__  # the fast path ran
+    assert out.grad_fn is not None and "DilatedConv" in type(out.grad_fn).__name__  # the fast path ran
     ref_out, expected = _grads(lambda x, w, b: F.conv2d(x, w, b, 1, padding, dilation, channels), x, w, b)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     for g, e in zip(got, expected):
@@ -70,7 +73,7 @@ def test_other_convs_use_plain_autograd(stride, dilation, in_per_group) -> None:
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     w = torch.randn(4, in_per_group, 3, 3, requires_grad=True)
     out = _dilated.conv2d(x, w, None, stride, (dilation, dilation), dilation, 4 // in_per_group)
-    assert "DilatedDepthwise" not in type(out.grad_fn).__name__
+    assert "DilatedConv" not in type(out.grad_fn).__name__
     torch.testing.assert_close(out, F.conv2d(x, w, None, stride, dilation, dilation, 4 // in_per_group))
 
 
@@ -93,12 +96,57 @@ def test_resnext_psconv_takes_the_fast_path_for_its_dilated_terms(monkeypatch: p
     # ResNeXt-50 layer1 shape (4 channels per group, t = 4): the d=2 and d=4 terms are depthwise
     conv = PSConv2d(16, 16, 3, groups=4, dilation_pattern=(1, 2, 1, 4))
     seen = []
-    original = _dilated._DilatedDepthwiseConv.apply
+    original = _dilated._DilatedConv.apply
 
     def spy(*args):
-        seen.append(args[-1])  # dilation
+        seen.append(args[4])  # dilation
         return original(*args)
 
-    monkeypatch.setattr(_dilated._DilatedDepthwiseConv, "apply", spy)
+    monkeypatch.setattr(_dilated._DilatedConv, "apply", spy)
     conv(torch.randn(1, 16, 8, 8, requires_grad=True)).sum().backward()
     assert sorted(seen) == [2, 4]
+
+
+@pytest.mark.parametrize(("groups", "dilation"), [(2, 2), (2, 4), (4, 4), (8, 4)])
+def test_bf16_channels_last_grouped_convs_avoid_onednns_broken_weight_gradient(groups, dilation) -> None:
+    """torch 2.14.1's oneDNN returns non-finite dilated weight gradients (or crashes) for bf16
+    channels_last grouped convs; these take the polyphase weight gradient instead and match float64."""
+    x64 = torch.randn(2, 16, 12, 12, dtype=torch.float64)
+    w64 = torch.randn(16, 16 // groups, 3, 3, dtype=torch.float64)
+    x = x64.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = w64.to(torch.bfloat16).requires_grad_()
+    out = _dilated.conv2d(x, w, None, (1, 1), (dilation, dilation), dilation, groups)
+    assert "DilatedConv" in type(out.grad_fn).__name__
+    gx, gw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.conv2d(x64, w64, None, 1, dilation, dilation, groups)
+    ex, ew = torch.autograd.grad(ref, (x64, w64), torch.ones_like(ref))
+    for got, want in ((gx, ex), (gw, ew)):
+        assert torch.isfinite(got.float()).all()
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_fp32_grouped_convs_keep_onednns_backward() -> None:
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = _dilated.conv2d(x, torch.randn(16, 8, 3, 3), None, (1, 1), (4, 4), 4, 2)
+    assert "DilatedConv" not in type(out.grad_fn).__name__
+
+
+def test_ps_resnet20_trains_in_bf16_channels_last_on_the_cpu() -> None:
+    """The model-level symptom of oneDNN's bug (segfault or NaN gradients), run in a subprocess so that a
+    crash fails this test instead of killing the test session."""
+    script = (
+        "import torch\n"
+        "from polyscale.models import create_model\n"
+        "torch.manual_seed(0)\n"
+        "m = create_model('ps_resnet20', num_classes=10).to(memory_format=torch.channels_last)\n"
+        "x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)\n"
+        "for _ in range(3):\n"
+        "    with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "        loss = m(x).float().logsumexp(1).mean()\n"
+        "    loss.backward()\n"
+        "assert all(torch.isfinite(p.grad).all() for p in m.parameters()), 'non-finite gradient'\n"
+        "print('finite')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "finite" in done.stdout, (done.returncode, done.stderr[-2000:])
