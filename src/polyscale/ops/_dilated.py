@@ -21,6 +21,7 @@ Same values as autograd's (up to float summation order; tested in float64), no e
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -119,14 +120,12 @@ def conv2d(
     stride-1 dilated convs listed in the module docstring."""
     if not _candidate(x, weight, stride, padding, dilation):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if torch.is_autocast_enabled("cpu"):  # the Function runs in one dtype: cast as autocast would
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast:  # the Function runs in one dtype: cast as autocast would, then turn it off inside
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        with torch.autocast("cpu", enabled=False):
-            if _takes_own_backward(x, weight, groups):
-                return _DilatedConv.apply(x, weight, bias, padding[0], dilation, groups)
-            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if _takes_own_backward(x, weight, groups):
-        return _DilatedConv.apply(x, weight, bias, padding[0], dilation, groups)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    with torch.autocast("cpu", enabled=False) if autocast else contextlib.nullcontext():
+        if _takes_own_backward(x, weight, groups):
+            return _DilatedConv.apply(x, weight, bias, padding[0], dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

@@ -222,9 +222,7 @@ class PSConv2d(nn.Module):
                 self._placement[impl].append("scatter")
                 continue
             size, perm = blocks
-            inverse = sorted(range(len(perm)), key=perm.__getitem__)
-            self.register_buffer(f"_perm_{impl}_{i}", torch.tensor(perm), persistent=False)
-            self._placement[impl].append(((self.groups, len(perm), size), tuple(inverse)))
+            self._placement[impl].append(((self.groups, len(perm), size), tuple(perm)))
 
     def _term_weight(self, term: ConvTerm, rows: Tensor | None) -> Tensor:
         """The conv weight of one term, gathered from the dense weight (differentiable, small)."""
@@ -269,9 +267,8 @@ class PSConv2d(nn.Module):
             return out.add_(y)
         if placement == "scatter":
             return out.index_add_(1, getattr(self, f"_rows_{impl}_{i}"), y)
-        blocks, inverse = placement
-        perm = getattr(self, f"_perm_{impl}_{i}")
-        return permuted_add_(out, y, blocks, perm, inverse)  # whole blocks move, one pass each way
+        blocks, perm = placement
+        return permuted_add_(out, y, blocks, perm)  # whole blocks move, one pass each way
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C_in, H, W) -> (N, C_out, H', W')
         if x.dim() != 4 or x.shape[1] != self.in_channels:
