@@ -24,11 +24,11 @@ from torch import Tensor, nn
 
 from polyscale.engine.runtime import tune_cpu_allocator
 from polyscale.ops import PSConv2d
-from polyscale.ops.psconv import IMPLS
+from polyscale.ops.psconv_terms import IMPLS
 
 
 class OriginalPSConv(nn.Module):
-    """The original authors' layer, written from its description (NOTES.md) as a speed peer only.
+    """The original authors' layer, written from its description (docs/operators.md) as a speed peer only.
 
     Sum of a dense 3x3 conv whose blocks (out part i, in part i) and (out part i+2, in part i) are
     masked to zero (mask kept by a gradient hook), a groups=4 conv at dilation d and a groups=4 conv

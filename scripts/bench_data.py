@@ -10,8 +10,8 @@ Normalize) under a plain DataLoader.
 
 `--pipeline cifar` generates CIFAR-10 python pickles of `--cifar-images` random images (or reads
 `--root`, the folder holding cifar-10-batches-py/) and times `build_train_loader` with the project's
-cifar10 data config (configs/data/cifar10.yaml: pad 4 + random 32 crop + flip + normalise): the CPU
-path for each worker count and `data.gpu_augment=true` (the whole set on `--device`, augmented there).
+cifar10 data options (configs/data/cifar10.yaml: pad 4 + random 32 crop + flip + normalise): the CPU
+path for each worker count and `gpu_augment=True` (the whole set on `--device`, augmented there).
 Its baseline is torchvision CIFAR10 + transforms.v2 (RandomCrop(32, padding=4), flip, ToImage,
 ToDtype, Normalize) under a plain DataLoader.
 
@@ -39,14 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from polyscale.config import DataConfig
-from polyscale.data import build_dataset, build_train_loader
+from polyscale.data import DataOptions, build_dataset, build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -200,21 +199,25 @@ def plain_loader(dataset: Dataset, workers: int, batch: int) -> Callable[[int], 
 
 
 def polyscale_batches(root: Path, decoder: str, workers: int, batch: int, device: torch.device) -> Callable:
-    cfg = OmegaConf.structured(
-        DataConfig(
-            name="imagefolder",
-            root=str(root),
-            num_classes=None,
-            image_size=224,
-            decoder=decoder,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            mean=MEAN,
-            std=STD,
-        )
+    dataset = build_dataset(
+        "train",
+        name="imagefolder",
+        root=str(root),
+        num_classes=None,
+        image_size=224,
+        decoder=decoder,
+        mean=MEAN,
+        std=STD,
     )
     loader = build_train_loader(
-        build_dataset(cfg, "train"), cfg, rank=0, world_size=1, batch_size=batch, seed=0, device=device
+        dataset,
+        rank=0,
+        world_size=1,
+        batch_size=batch,
+        seed=0,
+        device=device,
+        num_workers=workers,
+        persistent_workers=workers > 0,
     )
     return epoch_loader(loader)
 
@@ -269,22 +272,22 @@ class UncheckedCIFAR10(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-def cifar_config(root: Path, **changes: Any) -> DictConfig:
-    """configs/data/cifar10.yaml as the trainer composes it (DataConfig schema), with `changes`."""
-    preset = OmegaConf.load(REPO / "configs" / "data" / "cifar10.yaml")
+def cifar_options(root: Path, **changes: Any) -> dict[str, Any]:
+    """configs/data/cifar10.yaml's data options (DataOptions defaults under them), with `changes`."""
+    preset = yaml.safe_load((REPO / "configs" / "data" / "cifar10.yaml").read_text())
     preset.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), preset, {"root": str(root), **changes})
+    return {**preset, "root": str(root), **changes}
 
 
-def cifar_baseline_batches(root: Path, cfg: DictConfig, workers: int, batch: int) -> Callable:
+def cifar_baseline_batches(root: Path, opts: DataOptions, workers: int, batch: int) -> Callable:
     """The textbook CIFAR pipeline: torchvision CIFAR10 (PIL image per item) + transforms.v2."""
     transform = v2.Compose(
         [
-            v2.RandomCrop(cfg.image_size, padding=cfg.random_crop_padding),
+            v2.RandomCrop(opts.image_size, padding=opts.random_crop_padding),
             v2.RandomHorizontalFlip(),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(cfg.mean), list(cfg.std)),
+            v2.Normalize(list(opts.mean), list(opts.std)),
         ]
     )
     return plain_loader(UncheckedCIFAR10(str(root), train=True, transform=transform), workers, batch)
@@ -296,21 +299,29 @@ def run_cifar(args: argparse.Namespace, tmp: Path) -> tuple[list[dict], dict]:
     if args.root is None:
         make_cifar10(root, args.cifar_images)
     cpu = torch.device("cpu")
-    dataset = build_dataset(cifar_config(root), "train")  # uint8 in memory; the loaders only differ
+    opts = DataOptions.from_kwargs(cifar_options(root))
+    dataset = build_dataset("train", **cifar_options(root))  # uint8 in memory; the loaders only differ
     rows, baselines = [], {}
     for workers in args.workers:
-        cfg = cifar_config(root, num_workers=workers, persistent_workers=workers > 0)
-        batches = cifar_baseline_batches(root, cfg, workers, args.batch_size)
+        batches = cifar_baseline_batches(root, opts, workers, args.batch_size)
         baselines[workers] = measure("pipeline", CIFAR_BASELINE, workers, batches, args.repeats, cpu)
         loader = build_train_loader(
-            dataset, cfg, rank=0, world_size=1, batch_size=args.batch_size, seed=0, device=cpu
+            dataset,
+            rank=0,
+            world_size=1,
+            batch_size=args.batch_size,
+            seed=0,
+            device=cpu,
+            num_workers=workers,
+            persistent_workers=workers > 0,
         )
         row = measure("pipeline", "cpu path", workers, epoch_loader(loader), args.repeats, cpu)
         del loader, batches  # persistent workers stop before the next setting starts
         rows += [baselines[workers], row]
-    cfg = cifar_config(root, gpu_augment=True)
+    # gpu_augment is a property of the data set (it keeps its options): the same files, built for it
+    on_device = build_dataset("train", **cifar_options(root, gpu_augment=True))
     loader = build_train_loader(
-        dataset, cfg, rank=0, world_size=1, batch_size=args.batch_size, seed=0, device=device
+        on_device, rank=0, world_size=1, batch_size=args.batch_size, seed=0, device=device
     )
     rows.append(measure("pipeline", "gpu_augment", 0, epoch_loader(loader), args.repeats, device))
     for row in rows:
@@ -323,8 +334,8 @@ def run_cifar(args: argparse.Namespace, tmp: Path) -> tuple[list[dict], dict]:
         "generated": args.root is None,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "crop": cfg.image_size,
-        "padding": cfg.random_crop_padding,
+        "crop": opts.image_size,
+        "padding": opts.random_crop_padding,
         "device": str(device),
         "ratios": (
             "speedup_* = row / baseline row with workers == baseline_workers: the same worker count for "

@@ -28,11 +28,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from polyscale.config import OptimConfig, ScheduleConfig
+from polyscale.engine.distributed import DistInfo
+from polyscale.engine.loop import StepSettings, TrainState, train_one_epoch
 from polyscale.engine.optim import build_optimizer, build_scheduler
 from polyscale.engine.run_dir import RunRecorder
-from polyscale.engine.runtime import autocast_factory, make_grad_scaler, tune_cpu_allocator
-from polyscale.engine.trainer import StepSettings, TrainState, train_one_epoch
+from polyscale.engine.runtime import Runtime, autocast_factory, make_grad_scaler, tune_cpu_allocator
 from polyscale.models import create_model
+from polyscale.tasks.classification import ClassificationLoss
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,12 +102,11 @@ def trainer_loop(model, optimizer, scaler, autocast, batches, args, device, reco
     state = TrainState(
         model=model, train_model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
     )
+    runtime = Runtime(DistInfo(), device, args.precision, args.channels_last, show_progress=True)
     settings = StepSettings(
         device=device,
-        loss_fn=nn.CrossEntropyLoss(),
+        batch_loss=ClassificationLoss(runtime, nn.CrossEntropyLoss(), mixup=None),  # the task's step
         steps=len(batches),
-        autocast=autocast,
-        channels_last=args.channels_last,
         log_every=args.log_every,
         progress=True,
     )

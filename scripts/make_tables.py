@@ -97,9 +97,11 @@ def identify_run(config: Mapping[str, Any], ignore: frozenset[str] = frozenset()
     recipe = min(misses, key=lambda name: len(misses[name]))
     if misses[recipe]:
         return f"closest recipe {recipe} differs in " + ", ".join(misses[recipe])
-    custom = _select(config, "model.conv.kernel_sizes") or _select(config, "model.conv.groups")
+    custom = any(
+        _select(config, f"model.conv.{key}") for key in ("kernel_sizes", "pyramid_groups", "groups")
+    )  # (runs of older versions store the pyramid groups as model.conv.groups)
     if conv == "pyconv" and custom:
-        return "custom PyConv kernel_sizes / groups (the tables use the defaults)"
+        return "custom PyConv kernel_sizes / pyramid_groups (the tables use the defaults)"
     arch = model.removeprefix("ps_")  # model=ps_resnet50 and model=resnet50 model/conv=psconv are one net
     if conv != "psconv":
         return Run(arch, conv, recipe)

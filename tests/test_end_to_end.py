@@ -19,6 +19,8 @@ from engine_helpers import REPO, load, run_cli  # noqa: E402
 CHECKPOINT_KEYS = {
     "format",
     "version",
+    "checksum",
+    "epoch_progress",
     "model",
     "ema",
     "optimizer",
@@ -55,7 +57,14 @@ def test_default_run_writes_the_run_directory(default_run: tuple[Path, str]) -> 
     run_dir, output = default_run
     assert "epoch 1/2  train loss" in output and "epoch 2/2  train loss" in output  # one summary line each
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results) == {"best", "final", "num_val_samples", "bad_files"}
+    assert set(results) == {
+        "best",
+        "final",
+        "num_val_samples",
+        "bad_files",
+        "bad_files_train",
+        "bad_files_val",
+    }
     assert set(results["best"]) == set(results["final"]) == {"top1", "top5", "epoch"}
     assert results["num_val_samples"] == 101 and results["bad_files"] == 0 and results["final"]["epoch"] == 2
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -109,7 +118,9 @@ def test_evaluate_reproduces_the_best_accuracy(default_run: tuple[Path, str]) ->
     report = json.loads(output.read_text())
     assert report["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")
     assert [r["crop_size"] for r in report["results"]] == [size, size + 8]
-    assert all(set(r) == {"crop_size", "top1", "top5", "num_samples"} for r in report["results"])
+    keys = {"crop_size", "top1", "top5", "num_samples", "bad_files", "train_crop_size"}
+    assert all(set(r) == keys for r in report["results"])
+    assert [r["train_crop_size"] for r in report["results"]] == [size, size]
     first = report["results"][0]
     assert (first["top1"], first["top5"], first["num_samples"]) == (
         results["best"]["top1"],
@@ -117,6 +128,7 @@ def test_evaluate_reproduces_the_best_accuracy(default_run: tuple[Path, str]) ->
         results["num_val_samples"],
     )
     assert f"crop {size}: top-1 {first['top1']:.2f}% (error {100 - first['top1']:.2f}%)" in done.stdout
+    assert f"crop {size + 8} (trained at {size} px)" in done.stdout
 
 
 @pytest.mark.slow

@@ -1,27 +1,21 @@
-"""Data for the data tests, generated: a JPEG class tree with awkward files, CIFAR-format pickles."""
+"""Data for the data tests, generated: a JPEG class tree with awkward files, CIFAR-format pickles,
+16-bit PNGs, animated GIFs."""
 
 from __future__ import annotations
 
 import pickle
+import struct
+import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-
-from polyscale.config import DataConfig
 
 CLASSES = ("c0", "c1", "c2")
 # Awkward files of the tree (relative to its root); each decodes to RGB or is a bad file.
 GRAY, CMYK, ALPHA = "train/c0/gray.jpg", "train/c1/cmyk.jpg", "train/c2/alpha.png"
 CORRUPT, TRUNCATED = "train/c2/zz_corrupt.JPEG", "val/c1/truncated.JPEG"
 CMYK_RGB = (200, 40, 90)  # the colour the CMYK file holds
-
-
-def make_cfg(**overrides: Any) -> DictConfig:
-    """A data config as Hydra gives it (structured DictConfig, lists as ListConfig)."""
-    return OmegaConf.structured(DataConfig(**overrides))
 
 
 def _smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -77,3 +71,32 @@ def write_cifar(root: Path, name: str, per_batch: int = 6, test: int = 10) -> di
     with open(folder / meta_name, "wb") as f:
         pickle.dump({key: [f"class{i}" for i in range(classes)]}, f)
     return written
+
+
+def write_png16(path: Path, values: np.ndarray) -> None:
+    """A 16-bit PNG of uint16 `values` (H, W) grayscale or (H, W, 3) RGB, written chunk by chunk (PIL
+    cannot save 16-bit RGB)."""
+    height, width = values.shape[:2]
+    channels = 1 if values.ndim == 2 else values.shape[2]
+    colour_type = {1: 0, 3: 2, 4: 6}[channels]
+    rows = values.reshape(height, width * channels).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_animated_gif(
+    path: Path, colours: list[tuple[int, int, int]], size: tuple[int, int] = (40, 32)
+) -> None:
+    """A GIF with one flat frame per colour (first frame first)."""
+    frames = [Image.new("RGB", size, c) for c in colours]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)

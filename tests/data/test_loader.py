@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import make_cfg
 
-from polyscale.data import build_dataset, build_train_loader, build_val_loader, count_bad_files
+from polyscale.data import DataOptions, build_dataset, build_train_loader, build_val_loader, count_bad_files
 from polyscale.data.memory import InMemoryImageDataset
 from polyscale.data.sampler import TrainSampler, epoch_order
 from polyscale.data.transforms import memory_transform
@@ -21,14 +20,17 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def _mem_cfg(**kw):
-    return make_cfg(**{"name": "builtin", "image_size": 8, "crop_ratio": 1.0, "num_workers": 0, **kw})
+def _mem_opts(**kw) -> DataOptions:
+    return DataOptions(**{"name": "builtin", "image_size": 8, "crop_ratio": 1.0, **kw})
 
 
-def _indexed_set(n: int, cfg) -> InMemoryImageDataset:
+def _indexed_set(n: int, opts: DataOptions) -> InMemoryImageDataset:
     """Tiny in-memory set whose target is the sample index (so batches show which samples came)."""
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
-    return InMemoryImageDataset(images, torch.arange(n), n, memory_transform(cfg, "val", 8))
+    return InMemoryImageDataset(images, torch.arange(n), n, memory_transform(opts, "val", 8))
+
+
+LOADER = dict(rank=0, world_size=1, device="cpu", num_workers=0)
 
 
 @pytest.mark.parametrize(("n", "world"), [(12, 2), (11, 2), (10, 3)])
@@ -52,11 +54,12 @@ def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
 
 
 def test_two_rank_loaders_cover_the_epoch() -> None:
-    cfg = _mem_cfg(random_crop_padding=0, hflip=False)
-    ds = _indexed_set(20, cfg)
+    ds = _indexed_set(20, _mem_opts(random_crop_padding=0, hflip=False))
     seen = []
     for rank in range(2):
-        loader = build_train_loader(ds, cfg, rank=rank, world_size=2, batch_size=3, seed=0, device="cpu")
+        loader = build_train_loader(
+            ds, rank=rank, world_size=2, batch_size=3, seed=0, device="cpu", num_workers=0
+        )
         loader.set_epoch(1)
         assert len(loader) == 3  # 10 samples per rank, batches of 3, last one dropped
         batches = list(loader)
@@ -68,11 +71,10 @@ def test_two_rank_loaders_cover_the_epoch() -> None:
 @pytest.mark.parametrize("n", [10, 7])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_val_shards_count_each_sample_once(n: int, world: int) -> None:
-    cfg = _mem_cfg()
-    ds = _indexed_set(n, cfg)
+    ds = _indexed_set(n, _mem_opts())
     seen, total_batches = [], 0
     for rank in range(world):
-        loader = build_val_loader(ds, cfg, rank=rank, world_size=world, batch_size=2, device="cpu")
+        loader = build_val_loader(ds, rank=rank, world_size=world, batch_size=2, device="cpu", num_workers=0)
         batches = list(loader)
         assert len(loader) == len(batches)
         total_batches += len(batches)
@@ -81,10 +83,11 @@ def test_val_shards_count_each_sample_once(n: int, world: int) -> None:
 
 
 def test_too_small_training_set_is_an_error() -> None:
-    cfg = _mem_cfg()
-    with pytest.raises(DataError, match=r"fewer than one batch of 8"):
+    with pytest.raises(
+        DataError, match=r"fewer than one batch of 8. Use more samples or a smaller batch_size"
+    ):
         build_train_loader(
-            _indexed_set(10, cfg), cfg, rank=0, world_size=2, batch_size=8, seed=0, device="cpu"
+            _indexed_set(10, _mem_opts()), rank=0, world_size=2, batch_size=8, seed=0, device="cpu"
         )
 
 
@@ -99,17 +102,21 @@ def _same(a, b) -> bool:
 
 def test_stream_is_independent_of_workers_and_resume(clean_tree: Path) -> None:
     """RandomResizedCrop + flip + RandAugment (torch, random and numpy draws), real worker processes."""
-    kw = dict(
-        name="imagefolder", root=str(clean_tree), num_classes=3, image_size=16, auto_augment="rand-m9-n3"
+    ds = build_dataset(
+        "train",
+        name="imagefolder",
+        root=str(clean_tree),
+        num_classes=3,
+        image_size=16,
+        auto_augment="rand-m9-n3",
     )
-    cfg0 = make_cfg(num_workers=0, **kw)
-    cfg2 = make_cfg(num_workers=2, persistent_workers=True, **kw)
-    ds = build_dataset(cfg0, "train")
 
-    def loader(cfg):
-        return build_train_loader(ds, cfg, rank=0, world_size=1, batch_size=4, seed=5, device="cpu")
+    def loader(num_workers: int):
+        return build_train_loader(
+            ds, rank=0, world_size=1, batch_size=4, seed=5, device="cpu", num_workers=num_workers
+        )
 
-    main, workers = loader(cfg0), loader(cfg2)
+    main, workers = loader(0), loader(2)  # persistent workers (the default)
     epoch1 = _stream(main, 1)
     assert len(epoch1) == len(main) == 4 and epoch1[0][0].shape == (4, 3, 16, 16)
     assert _same(epoch1, _stream(workers, 1))
@@ -120,10 +127,10 @@ def test_stream_is_independent_of_workers_and_resume(clean_tree: Path) -> None:
 
 
 def test_iterating_never_touches_the_global_rngs() -> None:
-    cfg = _mem_cfg(random_crop_padding=2, hflip=True)
-    ds = _indexed_set(12, cfg)
-    ds.transform = memory_transform(cfg, "train", 8)
-    loader = build_train_loader(ds, cfg, rank=0, world_size=1, batch_size=4, seed=0, device="cpu")
+    opts = _mem_opts(random_crop_padding=2, hflip=True)
+    ds = _indexed_set(12, opts)
+    ds.transform = memory_transform(opts, "train", 8)
+    loader = build_train_loader(ds, batch_size=4, seed=0, **LOADER)
     torch.manual_seed(123)
     random.seed(123)
     np.random.seed(123)
@@ -135,9 +142,6 @@ def test_iterating_never_touches_the_global_rngs() -> None:
 
 
 def test_set_epoch_checks_start_batch() -> None:
-    cfg = _mem_cfg()
-    loader = build_train_loader(
-        _indexed_set(12, cfg), cfg, rank=0, world_size=1, batch_size=4, seed=0, device="cpu"
-    )
+    loader = build_train_loader(_indexed_set(12, _mem_opts()), batch_size=4, seed=0, **LOADER)
     with pytest.raises(ValueError, match=r"start_batch 4 is outside \[0, 3\]"):
         loader.set_epoch(0, start_batch=4)

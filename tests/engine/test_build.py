@@ -1,4 +1,4 @@
-"""Config-to-object builders: precision, loss / Mixup, EMA, DDP options, fail-fast model checks."""
+"""The engine's shared builders: precision, DDP options, compile, the CPU allocator."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import pytest
 import torch
 from engine_helpers import TINY, compose_config, load
 from omegaconf import OmegaConf
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
-from polyscale.config import ModelConfig, TrainerConfig
-from polyscale.engine.build import build_loss, check_model_config, wrap_model
+from polyscale.config import TrainerConfig
+from polyscale.engine.build import wrap_model
 from polyscale.engine.distributed import DistInfo
 from polyscale.engine.fit import run_training
 from polyscale.engine.runtime import autocast_factory, make_grad_scaler, tune_cpu_allocator
@@ -50,28 +48,9 @@ def test_autocast_and_scaler_follow_the_precision() -> None:
         autocast_factory("fp8", cpu)
 
 
-def test_loss_is_label_smoothed_cross_entropy_or_mixup_soft_targets() -> None:
-    loss, mixup = build_loss(trainer_cfg(label_smoothing=0.1), num_classes=10, micro_batch=8)
-    assert isinstance(loss, nn.CrossEntropyLoss) and loss.label_smoothing == 0.1 and mixup is None
-    loss, mixup = build_loss(
-        trainer_cfg(cutmix_alpha=1.0, label_smoothing=0.1), num_classes=10, micro_batch=8
-    )
-    assert isinstance(loss, SoftTargetCrossEntropy) and isinstance(mixup, Mixup)
-    images, targets = mixup(torch.randn(8, 3, 8, 8), torch.arange(8))
-    assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
-    with pytest.raises(ConfigError, match="even per-rank micro-batch"):
-        build_loss(trainer_cfg(mixup_alpha=0.2), num_classes=10, micro_batch=7)
-
-
 def test_sync_bn_on_cpu_ranks_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="trainer.sync_bn=true needs CUDA"):
         wrap_model(nn.BatchNorm2d(3), trainer_cfg(sync_bn=True), DistInfo(0, 0, 2), torch.device("cpu"))
-
-
-def test_model_options_are_checked_on_the_meta_device() -> None:
-    check_model_config(OmegaConf.structured(ModelConfig(name="ps_resnet50")), 1000)  # no memory, instant
-    with pytest.raises(ConfigError, match="no_such_net"):
-        check_model_config(OmegaConf.structured(ModelConfig(name="no_such_net")), 10)
 
 
 @pytest.mark.slow

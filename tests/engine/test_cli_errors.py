@@ -19,7 +19,7 @@ TRAIN = (*TINY, "trainer.epochs=1")
         (["trainer.epoch=3"], 1, ["Key 'epoch' not in 'TrainerConfig'", "+trainer.epoch=3"]),
         (["trainer.epochs=abc"], 1, ["'abc'", "could not be converted to Integer", "trainer.epochs"]),
         (["model=no_such_net"], 1, ["Could not find 'model/no_such_net'", "resnet20"]),
-        (["model.name=no_such_net"], 2, ["Unknown model 'no_such_net'", "Set model=NAME to one of"]),
+        (["model.name=no_such_net"], 2, ["Unknown model 'no_such_net'", "Set model to one of"]),
         (["model/conv=no_such_conv"], 1, ["Could not find 'model/conv/no_such_conv'", "psconv"]),
         (["model.conv.name=no_such_conv"], 2, ["no_such_conv", "psconv"]),
         (["model=ps_resnet20", "model.conv.impl=triton"], 2, ["impl must be None", "'depthwise'"]),

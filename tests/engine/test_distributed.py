@@ -49,6 +49,7 @@ def test_two_process_training_writes_one_run_dir_and_counts_every_val_sample(tmp
         ".hydra/config.yaml",
         ".hydra/hydra.yaml",
         ".hydra/overrides.yaml",
+        ".lock",
         "checkpoints/best.pt",
         "checkpoints/last.pt",
         "config.yaml",

@@ -10,10 +10,13 @@ import torch
 from engine_helpers import TINY, assert_tensors_equal, compose_config, load
 from torch import nn
 
+from polyscale.engine.distributed import DistInfo
 from polyscale.engine.fit import run_training
-from polyscale.engine.runtime import micro_batch_size
-from polyscale.engine.trainer import StepSettings, evaluate
+from polyscale.engine.runtime import Runtime, micro_batch_size
 from polyscale.errors import ConfigError, DataError, NonFiniteLossError
+from polyscale.tasks.classification import classification_metrics
+
+CPU = Runtime(DistInfo(), torch.device("cpu"), "fp32", channels_last=False, show_progress=False)
 
 # Every source of randomness a resume must restore: dropout (torch), Mixup/CutMix (numpy), the EMA,
 # momentum buffers, the cosine schedule and the data order / augmentation of a half-done epoch.
@@ -80,14 +83,24 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    overrides = (*TINY, "trainer.epochs=2", "optim.lr=1e30", "trainer.checkpoint_every_n_steps=1")
-    with pytest.raises(NonFiniteLossError, match=r"NaN or inf at optimizer step (\d+) \(epoch 1\)") as info:
-        train(tmp_path, *overrides)
-    bad_step = int(info.value.args[0].split("optimizer step ")[1].split()[0])
+    overrides = (*TINY, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=1")
+    train(tmp_path, *overrides, "trainer.stop_after_steps=2")  # two good steps, then a huge LR
+    with pytest.raises(NonFiniteLossError) as info:
+        train(tmp_path, *overrides, "trainer.resume=auto", "optim.lr=1e30")
+    message = str(info.value)
+    assert "NaN or inf at optimizer step" in message or "weights diverged by global step" in message
     last = load(tmp_path / "checkpoints" / "last.pt")
-    assert last["global_step"] == bad_step - 1 and f"after global step {bad_step - 1}" in str(info.value)
+    assert last["global_step"] == 2 and "after global step 2" in message
     assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
-    assert "trainer.resume=PATH" in str(info.value) and not (tmp_path / "results.json").exists()
+    assert "trainer.resume=PATH" in message and not (tmp_path / "results.json").exists()
+
+
+def test_diverged_weights_are_never_written(tmp_path: Path) -> None:
+    """With a huge LR the first step already blows the weights up (finite, 1e29): no checkpoint."""
+    overrides = (*TINY, "trainer.epochs=2", "optim.lr=1e30", "trainer.checkpoint_every_n_steps=1")
+    with pytest.raises(NonFiniteLossError, match=r"weights diverged by global step 1 \(.* above 1e\+10"):
+        train(tmp_path, *overrides, "trainer.log_every_n_steps=0")
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
 
 
 def test_gradient_accumulation_splits_the_global_batch(tmp_path: Path) -> None:
@@ -120,20 +133,14 @@ def test_evaluate_counts_top1_top5_and_skips_bad_files() -> None:
         ([9, 8, 7, 6, 5, 4, 3], 6),  # miss
         ([0, 0, 0, 0, 0, 0, 0], -1),  # an unreadable file: skipped and counted
     ]
-    settings = StepSettings(
-        device=torch.device("cpu"), loss_fn=nn.CrossEntropyLoss(), steps=0, progress=False
-    )
-    result = evaluate(FixedLogits(), _batches(rows, 3), settings, expected_total=4)
-    assert (result.num_samples, result.bad_files) == (3, 1)
-    assert result.top1 == pytest.approx(100 / 3) and result.top5 == pytest.approx(200 / 3)
+    result = classification_metrics(FixedLogits(), _batches(rows, 3), CPU, expected_total=4)
+    assert (result["num_samples"], result["bad_files"]) == (3, 1)
+    assert result["top1"] == pytest.approx(100 / 3) and result["top5"] == pytest.approx(200 / 3)
 
 
 def test_evaluate_refuses_a_loader_that_loses_samples() -> None:
-    settings = StepSettings(
-        device=torch.device("cpu"), loss_fn=nn.CrossEntropyLoss(), steps=0, progress=False
-    )
     batches = _batches([([1.0, 0.0], 0)] * 5, 2)
     with pytest.raises(DataError, match="saw 5 samples and 0 bad files, but the validation set has 6"):
-        evaluate(FixedLogits(), batches, settings, expected_total=6)
-    limited = evaluate(FixedLogits(), batches, settings, expected_total=6, limit_batches=2)
-    assert limited.num_samples == 4 and limited.top1 == 100.0
+        classification_metrics(FixedLogits(), batches, CPU, expected_total=6)
+    limited = classification_metrics(FixedLogits(), batches, CPU, expected_total=6, limit_batches=2)
+    assert limited["num_samples"] == 4 and limited["top1"] == 100.0

@@ -14,8 +14,9 @@ from torch import nn
 import polyscale
 from polyscale.config import ModelConfig, register_configs
 from polyscale.errors import ConfigError
-from polyscale.models import build_model_from_config, create_model, list_models
+from polyscale.models import create_model, list_models
 from polyscale.models.complexity import count_params
+from polyscale.tasks.arguments import model_arguments
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -55,7 +56,11 @@ def test_unknown_name_lists_close_matches() -> None:
     [
         ("resnet20", "psconv", "ps_resnet20"),
         ("ps_resnet20", {"name": "standard", "dilation_pattern": [1, 2, 1, 4]}, "resnet20"),
-        ("resnext29_8x64d", {"name": "psconv", "kernel_sizes": None, "groups": None}, "ps_resnext29_8x64d"),
+        (
+            "resnext29_8x64d",
+            {"name": "psconv", "kernel_sizes": None, "pyramid_groups": None},
+            "ps_resnext29_8x64d",
+        ),
         ("ps_resnet50", "standard", "resnet50"),
         ("resnet50", {"name": "psconv", "axes": "both", "kernel_sizes": [[3]]}, "ps_resnet50"),
     ],
@@ -86,7 +91,7 @@ def test_pyconv_hg_groups_default_and_override() -> None:
     plain = on_meta("pyconvresnet50")
     assert plain.layer1[0].conv2.levels[3].weight.shape == (16, 4, 9, 9)  # 64 channels in 16 groups
     custom = on_meta(
-        "pyconvresnet50", conv={"name": "pyconv", "groups": [[1, 1, 1, 1], [1, 1, 1], [1, 1], [1]]}
+        "pyconvresnet50", conv={"name": "pyconv", "pyramid_groups": [[1, 1, 1, 1], [1, 1, 1], [1, 1], [1]]}
     )
     assert custom.layer1[0].conv2.levels[3].weight.shape == (16, 64, 9, 9)
 
@@ -96,7 +101,7 @@ def test_pyconv_hg_groups_default_and_override() -> None:
     [
         ("dilated", r"(?i)unknown conv type 'dilated'.*standard"),
         ({"name": "psconv", "dilation_patern": [1, 2]}, r"(?i)unknown conv option.*dilation_patern"),
-        (3, r"model.conv must be"),
+        (3, r"`?conv`? must be a conv type name"),
     ],
 )
 def test_bad_conv_raises_config_error(conv: object, message: str) -> None:
@@ -174,6 +179,11 @@ def test_reference_sizes_match_timm() -> None:
         with torch.device("meta"):
             ref = timm.create_model(name)
         assert count_params(on_meta(name)) == count_params(ref)
+
+
+def build_model_from_config(cfg, num_classes: int | None = None):
+    """What the engine does with a `model` config section (tasks.arguments + create_model)."""
+    return create_model(**model_arguments(cfg, num_classes))
 
 
 @pytest.fixture(scope="module")

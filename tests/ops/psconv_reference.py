@@ -51,6 +51,47 @@ def masked_reference(
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
+def constant_blocks(dilation: Tensor, groups: int) -> list[tuple[int, slice, slice]]:
+    """D cut where any row or column changes: (rate, output rows, input columns) of every cell.
+
+    Every cell has one rate. In PSConv's class-contiguous order that is t x t cells per group; in the
+    paper's interleaved order it degrades to single channels.
+    """
+    c_out, in_per_group = dilation.shape
+    out_per_group = c_out // groups
+    cells = []
+    for g in range(groups):
+        d = dilation[g * out_per_group : (g + 1) * out_per_group]
+        rows = [0] + [r for r in range(1, out_per_group) if not torch.equal(d[r], d[r - 1])] + [out_per_group]
+        cols = [0] + [c for c in range(1, in_per_group) if not torch.equal(d[:, c], d[:, c - 1])]
+        cols.append(in_per_group)
+        for r0, r1 in zip(rows, rows[1:]):
+            for c0, c1 in zip(cols, cols[1:]):
+                out_rows = slice(g * out_per_group + r0, g * out_per_group + r1)
+                in_cols = slice(g * in_per_group + c0, g * in_per_group + c1)
+                cells.append((int(d[r0, c0]), out_rows, in_cols))
+    return cells
+
+
+def blocks_reference(
+    x: Tensor, weight: Tensor, dilation: Tensor, stride: int, padding: int, groups: int, bias: Tensor | None
+) -> Tensor:
+    """Eq. (3) as the naive split: one dilated nn.Conv2d per constant cell of D, nothing merged."""
+    k, in_per_group = weight.shape[-1], weight.shape[1]
+    outputs = []  # (output rows, conv output)
+    for rate, rows, cols in constant_blocks(dilation, groups):
+        local = slice(cols.start % in_per_group, cols.start % in_per_group + cols.stop - cols.start)
+        w = weight[rows, local]
+        outputs.append(
+            (rows, F.conv2d(x[:, cols], w, None, stride, padding + (rate - 1) * (k - 1) // 2, rate))
+        )
+    n, _, h, w = outputs[0][1].shape
+    out = x.new_zeros(n, weight.shape[0], h, w)
+    for rows, y in outputs:
+        out = out.index_add(1, torch.arange(rows.start, rows.stop), y)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
 def reference_of(module, x: Tensor, reference=masked_reference) -> Tensor:
     """A reference applied to a PSConv2d's own dense_weight() / dilation_matrix() (differentiable)."""
     return reference(

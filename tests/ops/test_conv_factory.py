@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import pickle
-from dataclasses import asdict
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from polyscale.config.model import ConvConfig
+import polyscale
 from polyscale.ops import CONV_TYPES, PSConv2d, PyConv2d, make_conv_layer, stage_conv_layers
+from polyscale.ops.factory import OPTIONS
+from polyscale.ops.pyconv import PYCONV_GROUPS, PYCONV_KERNELS
 
 
 def test_standard_is_a_same_padded_conv() -> None:
@@ -36,9 +41,9 @@ def test_psconv_binds_its_options_and_ignores_none() -> None:
 
 def test_pyconv_levels_come_from_the_bound_pyramid() -> None:
     """The block's kernel_size / groups arguments do not apply to a pyramid; bias is refused."""
-    layer = make_conv_layer("pyconv", kernel_sizes=[3, 5], groups=[1, 4])
+    layer = make_conv_layer("pyconv", kernel_sizes=[3, 5], pyramid_groups=[1, 4])
     conv = layer(32, 64, 3, 2, groups=8)
-    assert isinstance(conv, PyConv2d) and conv.kernel_sizes == (3, 5) and conv.groups == (1, 4)
+    assert isinstance(conv, PyConv2d) and conv.kernel_sizes == (3, 5) and conv.pyramid_groups == (1, 4)
     assert conv(torch.randn(1, 32, 8, 8)).shape == (1, 64, 4, 4)
     with pytest.raises(ValueError, match="bias=True is not supported by pyconv"):
         layer(32, 64, bias=True)
@@ -51,34 +56,41 @@ def test_unknown_name_and_option_raise() -> None:
         make_conv_layer("psconv", dilation=2)
     with pytest.raises(ValueError, match="unknown conv type"):
         stage_conv_layers("Standard")
+    # the pyramid's per-level groups are `pyramid_groups`, never a conv's `groups`
+    with pytest.raises(ValueError, match=r"unknown conv option\(s\) \['groups'\].*'pyramid_groups'"):
+        stage_conv_layers("pyconv", groups=[[1], [1], [1], [1]])
+    with pytest.raises(ValueError, match="num_stages must be a positive integer, got 0"):
+        stage_conv_layers("psconv", 0)
+
+
+def test_messages_do_not_speak_config() -> None:
+    """The factory takes plain arguments: plain ValueErrors, no config keys or Hydra overrides."""
+    with pytest.raises(ValueError) as info:
+        make_conv_layer("deform")
+    assert type(info.value) is ValueError and "model" not in str(info.value)
 
 
 def test_pyconv_stage_defaults_follow_pyconvresnet() -> None:
     layers = stage_conv_layers("pyconv")
     convs = [layer(64, 64) for layer in layers]
     assert [c.kernel_sizes for c in convs] == [(3, 5, 7, 9), (3, 5, 7), (3, 5), (3,)]
-    assert [c.groups for c in convs] == [(1, 4, 8, 16), (1, 4, 8), (1, 4), (1,)]
-    assert [
-        c.kernel_sizes
-        for c in (
-            layer(16, 16)
-            for layer in stage_conv_layers("pyconv", 3, groups=[[1, 1, 1, 1], [1, 1, 1], [1, 1]])
-        )
-    ] == [
-        (3, 5, 7, 9),
-        (3, 5, 7),
-        (3, 5),
-    ]
+    assert [c.pyramid_groups for c in convs] == [(1, 4, 8, 16), (1, 4, 8), (1, 4), (1,)]
+    assert [c.kernel_sizes for c in convs] == list(PYCONV_KERNELS)
+    assert [c.pyramid_groups for c in convs] == list(PYCONV_GROUPS)
+    three = stage_conv_layers("pyconv", 3, pyramid_groups=[[1, 1, 1, 1], [1, 1, 1], [1, 1]])
+    assert [layer(16, 16).kernel_sizes for layer in three] == [(3, 5, 7, 9), (3, 5, 7), (3, 5)]
 
 
 def test_pyconv_per_stage_lists() -> None:
     """PyConvHGResNet-style per-stage groups; a flat list means the same pyramid in every stage."""
     groups = [[32, 32, 32, 32], [32, 64, 64], [32, 64], [32]]
-    convs = [layer(256, 256) for layer in stage_conv_layers("pyconv", groups=groups)]
-    assert [c.groups for c in convs] == [tuple(g) for g in groups]
-    flat = stage_conv_layers("pyconv", 2, kernel_sizes=[3, 5], groups=[1, 2])
+    convs = [layer(256, 256) for layer in stage_conv_layers("pyconv", pyramid_groups=groups)]
+    assert [c.pyramid_groups for c in convs] == [tuple(g) for g in groups]
+    flat = stage_conv_layers("pyconv", 2, kernel_sizes=[3, 5], pyramid_groups=[1, 2])
     assert [layer(8, 8).kernel_sizes for layer in flat] == [(3, 5), (3, 5)]
-    with pytest.raises(ValueError, match=r"stage 1: kernel_sizes \[3, 5\] and groups \[1, 4, 8\] differ"):
+    with pytest.raises(
+        ValueError, match=r"stage 1: kernel_sizes \[3, 5\] and pyramid_groups \[1, 4, 8\] differ"
+    ):
         stage_conv_layers("pyconv", kernel_sizes=[[3, 5, 7, 9], [3, 5], [3, 5], [3]])
     with pytest.raises(ValueError, match=r"one list per stage \(4 lists\)"):
         stage_conv_layers("pyconv", kernel_sizes=[[3], [3]])
@@ -87,13 +99,37 @@ def test_pyconv_per_stage_lists() -> None:
 
 
 @pytest.mark.parametrize("name", CONV_TYPES)
-def test_every_stage_layer_from_a_whole_config_is_picklable(name) -> None:
-    """A whole ConvConfig can be splatted (other types' fields ignored); callables pickle (DDP, Hydra)."""
-    options = {k: v for k, v in asdict(ConvConfig(name=name)).items() if k != "name"}
-    layers = stage_conv_layers(name, 4, **options)
+def test_every_stage_layer_with_all_options_is_picklable(name) -> None:
+    """Every type's options may be passed to any type (the others' are ignored, as are None values), so
+    one set of options serves whichever type is named; the callables pickle (DDP spawn)."""
+    values = {"dilation_pattern": [1, 2, 1, 4], "axes": "both", "impl": None}
+    values |= {"kernel_sizes": None, "pyramid_groups": None}
+    assert set(values) == {key for keys in OPTIONS.values() for key in keys}
+    layers = stage_conv_layers(name, 4, **values)
     assert len(layers) == 4
     for layer in layers:
         clone = pickle.loads(pickle.dumps(layer))
         assert type(clone(64, 64)) is type(layer(64, 64))
     expected = {"standard": nn.Conv2d, "psconv": PSConv2d, "pyconv": PyConv2d}[name]
     assert type(layers[0](64, 64)) is expected
+
+
+def test_ops_work_without_hydra_and_omegaconf() -> None:
+    """polyscale.ops reads no config objects: it imports and runs with hydra and omegaconf unimportable."""
+    code = (
+        "import sys\n"
+        "sys.modules['hydra'] = sys.modules['omegaconf'] = None  # import hydra -> ImportError\n"
+        "import torch\n"
+        "from polyscale.ops import PSConv2d, PyConv2d, stage_conv_layers\n"
+        "x = torch.randn(1, 16, 8, 8)\n"
+        "assert PSConv2d(16, 16)(x).shape == PyConv2d(16, 16, (3, 5), (1, 2))(x).shape == (1, 16, 8, 8)\n"
+        "y = torch.randn(1, 64, 8, 8)\n"
+        "assert [layer(64, 64)(y).shape[1] for layer in stage_conv_layers('pyconv')] == [64] * 4\n"
+        "assert not any(m.split('.')[0] in ('hydra', 'omegaconf') for m, v in sys.modules.items() if v)\n"
+    )
+    src = str(Path(polyscale.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr

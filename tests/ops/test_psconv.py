@@ -1,14 +1,14 @@
-"""PSConv2d computes Eq. (3) exactly, in every formulation: outputs and gradients vs the references."""
+"""PSConv2d computes Eq. (3) exactly, in every impl: outputs and gradients vs the references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from psconv_reference import loop_reference, masked_reference, reference_of
+from psconv_reference import blocks_reference, loop_reference, masked_reference, reference_of
 from torch import nn
 
-from polyscale.ops import PSConv2d, psconv
-from polyscale.ops.psconv import IMPLS
+from polyscale.ops import PSConv2d, psconv_impls
+from polyscale.ops.psconv_terms import IMPLS
 
 AXES = ("both", "input", "output")
 PATTERNS = {1: (2,), 2: (1, 2), 4: (1, 2, 1, 4), 8: (1, 2, 1, 4, 1, 2, 1, 3)}
@@ -51,13 +51,16 @@ def test_matches_loop_reference(impl, axes, c_in, c_out, groups, pattern, stride
 
 
 def test_references_agree() -> None:
-    """The masked-conv reference (used on larger shapes) equals the loop reference, kernel 5 too."""
+    """The masked-conv and naive per-block references (used on larger shapes) equal the loop
+    reference, kernel 5 too."""
     for k, stride, padding in [(3, 1, 1), (5, 2, 2), (3, 2, 0)]:
         x = torch.randn(2, 8, 11, 10, dtype=torch.float64)
         weight = torch.randn(6, 4, k, k, dtype=torch.float64)
         dilation = torch.randint(1, 4, (6, 4))
         args = (x, weight, dilation, stride, padding, 2, None)
-        torch.testing.assert_close(masked_reference(*args), loop_reference(*args), rtol=0, atol=1e-10)
+        expected = loop_reference(*args)
+        torch.testing.assert_close(masked_reference(*args), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(blocks_reference(*args), expected, rtol=0, atol=1e-10)
 
 
 GRID = [  # (c_in, c_out, groups): ResNeXt-like group counts and channel counts not divisible by t
@@ -73,7 +76,7 @@ GRID = [  # (c_in, c_out, groups): ResNeXt-like group counts and channel counts 
 @pytest.mark.parametrize("axes", AXES)
 @pytest.mark.parametrize(("c_in", "c_out", "groups"), GRID)
 def test_matches_masked_reference(axes, c_in, c_out, groups) -> None:
-    """Every formulation, pattern length (1, 2, 4, 8) and stride against the masked-conv reference."""
+    """Every impl, pattern length (1, 2, 4, 8) and stride against the masked-conv reference."""
     x = torch.randn(2, c_in, 8, 8, dtype=torch.float64)
     for length, pattern in PATTERNS.items():
         if length > c_in // groups:
@@ -105,7 +108,7 @@ def test_constant_pattern_is_a_plain_conv() -> None:
     conv.weight.data.copy_(ps.weight.data)
     x = torch.randn(2, 16, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(ps(x), conv(x), rtol=0, atol=1e-12)
-    assert len(ps._plans["grouped"]) == 1
+    assert len(ps._impls["grouped"].terms) == 1
 
 
 @pytest.mark.parametrize("padding", [0, 2])
@@ -126,14 +129,16 @@ def test_same_output_size_as_conv_for_every_rate_and_stride() -> None:
             assert PSConv2d(8, 8, 3, stride, dilation_pattern=(1, 2, 4, 8))(x).shape == expected
 
 
-def test_formulations_agree_in_float32() -> None:
-    """All formulations give the same values on the benchmark's channel count (fp32 tolerance)."""
+def test_impls_agree_in_float32() -> None:
+    """All impls and the naive per-block split give the same values on the benchmark's channel count
+    (fp32 tolerance)."""
     x = torch.randn(2, 64, 14, 14)
     module = PSConv2d(64, 64)
     outputs = {}
     for impl in IMPLS:
         module.impl = impl
         outputs[impl] = module(x)
+    outputs["blocks"] = reference_of(module, x, blocks_reference)
     for impl, out in outputs.items():
         torch.testing.assert_close(out, outputs["grouped"], rtol=1e-5, atol=1e-5, msg=impl)
 
@@ -143,7 +148,7 @@ def test_formulations_agree_in_float32() -> None:
 def test_cpu_batch_chunking_changes_nothing(
     impl: str, channels_last: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the CPU big batches run a few samples at a time (psconv.CPU_CHUNK_BYTES): same values."""
+    """On the CPU big batches run a few samples at a time (psconv_impls.CPU_CHUNK_BYTES): same values."""
     module = PSConv2d(16, 12, 3, groups=4, bias=True, impl=impl).double()
     x = torch.randn(5, 16, 9, 7, dtype=torch.float64)
     if channels_last:
@@ -151,46 +156,49 @@ def test_cpu_batch_chunking_changes_nothing(
     per_sample = x[0].numel() * x.element_size()
 
     def run(chunk_bytes: int) -> tuple[torch.Tensor, ...]:
-        monkeypatch.setattr(psconv, "CPU_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(psconv_impls, "CPU_CHUNK_BYTES", chunk_bytes)
         xg = x.clone().requires_grad_()
         out = module(xg)
         grads = torch.autograd.grad(out, [xg, module.weight, module.bias], torch.ones_like(out) * 0.5)
         return (out, *grads)
 
-    assert psconv.cpu_chunk_size(x) == 5  # the default budget holds this whole batch
+    assert psconv_impls.cpu_chunk_size(x) == 5  # the default budget holds this whole batch
     whole = run(0)
-    monkeypatch.setattr(psconv, "CPU_CHUNK_BYTES", 2 * per_sample)
-    assert psconv.cpu_chunk_size(x) == 2  # chunks of 2, 2, 1
+    monkeypatch.setattr(psconv_impls, "CPU_CHUNK_BYTES", 2 * per_sample)
+    assert psconv_impls.cpu_chunk_size(x) == 2  # chunks of 2, 2, 1
     chunked = run(2 * per_sample)
     assert chunked[0].is_contiguous(memory_format=torch.channels_last) == channels_last
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_autotune_keeps_the_fastest_formulation_per_signature(monkeypatch: pytest.MonkeyPatch) -> None:
-    """impl=None + cudnn.benchmark on a tuned device: each formulation timed once, the fastest kept."""
-    monkeypatch.setattr(psconv, "AUTOTUNE_DEVICES", frozenset({"cpu"}))  # CUDA's logic, on the CPU
-    monkeypatch.setattr(psconv, "_TUNED", {})
+def test_autotune_keeps_the_fastest_impl_per_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """impl=None + cudnn.benchmark on a tuned device: each impl timed once, the fastest kept."""
+    monkeypatch.setattr(psconv_impls, "AUTOTUNE_DEVICES", frozenset({"cpu"}))  # CUDA's logic, on the CPU
+    monkeypatch.setattr(psconv_impls, "_TUNED", {})
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    fake = dict.fromkeys(IMPLS, 3.0) | {"shifts": 1.0, "blocks": 2.0}  # seconds per call, by formulation
+    fake = dict.fromkeys(IMPLS, 3.0) | {"shifts": 1.0, "depthwise": 2.0}  # seconds per call, by impl
     ran: list[str] = []
-    real_run = PSConv2d._run
+    real_run = psconv_impls.PSConvImpl.run
 
-    def spy_run(self: PSConv2d, x: torch.Tensor, impl: str) -> torch.Tensor:
-        ran.append(impl)
-        return real_run(self, x, impl)
+    def spy_run(self: psconv_impls.PSConvImpl, *args: object) -> torch.Tensor:
+        ran.append(self.name)
+        return real_run(self, *args)
 
-    monkeypatch.setattr(PSConv2d, "_run", spy_run)
-    monkeypatch.setattr(psconv, "_seconds", lambda fn, device: (fn(), fake[ran[-1]])[1])
+    monkeypatch.setattr(psconv_impls.PSConvImpl, "run", spy_run)
+    monkeypatch.setattr(psconv_impls, "_seconds", lambda fn, device: (fn(), fake[ran[-1]])[1])
     module = PSConv2d(8, 8, 3).double()
     reference = PSConv2d(8, 8, 3, impl="grouped").double()
     reference.load_state_dict(module.state_dict())
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    calls: list[torch.Tensor] = []
+    module.register_forward_hook(lambda mod, args, out: calls.append(out))
 
     out = module(x)
     assert sorted(set(ran)) == sorted(IMPLS) and ran[-1] == "shifts"  # timed all, then ran the fastest
-    assert list(psconv.autotuned().values()) == ["shifts"]
+    assert list(psconv_impls.autotuned().values()) == ["shifts"]
     assert module.weight.grad is None  # timing the backward leaves no gradient behind
+    assert len(calls) == 1  # the timing runs bypass hooks
     torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-12)
 
     ran.clear()
@@ -198,9 +206,9 @@ def test_autotune_keeps_the_fastest_formulation_per_signature(monkeypatch: pytes
     assert ran == ["shifts"]  # same signature: no new timing
     with torch.no_grad():
         module(x)  # another signature (no grad): timed again, forward only
-    assert len(psconv.autotuned()) == 2
+    assert len(psconv_impls.autotuned()) == 2
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     ran.clear()
     module(torch.randn(3, 8, 6, 6, dtype=torch.float64))
-    assert ran == [module.default_impl("cpu")] and len(psconv.autotuned()) == 2  # off: the default
+    assert ran == [psconv_impls.default_impl(module, "cpu")] and len(psconv_impls.autotuned()) == 2

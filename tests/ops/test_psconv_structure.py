@@ -14,8 +14,8 @@ from psconv_reference import loop_reference, masked_reference, reference_of
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyscale.ops import PSConv2d, psconv
-from polyscale.ops.psconv import IMPLS
+from polyscale.ops import PSConv2d, psconv_impls
+from polyscale.ops.psconv_terms import IMPLS
 
 PATTERN = (1, 2, 1, 4)
 
@@ -151,12 +151,12 @@ def test_load_dense_weight_round_trip() -> None:
         module.load_dense_weight(torch.randn(8, 16, 3, 3))
 
 
-def test_state_dict_round_trip_across_formulations() -> None:
-    """The state dict holds only nn.Conv2d's tensors, so it loads into any formulation."""
+def test_state_dict_round_trip_across_impls() -> None:
+    """The state dict holds only nn.Conv2d's tensors, so it loads into any impl."""
     source = PSConv2d(32, 16, bias=True, impl="grouped")
     state = source.state_dict()
     assert set(state) == {"weight", "bias"}  # index buffers are not persistent
-    target = PSConv2d(32, 16, bias=True, impl="blocks")
+    target = PSConv2d(32, 16, bias=True, impl="shifts")
     target.load_state_dict(state)
     x = torch.randn(2, 32, 9, 9)
     torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-5)
@@ -212,10 +212,10 @@ def test_module_copies_and_device_moves() -> None:
 )
 def test_torch_compile_traces_one_graph(kwargs: dict, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """fullgraph capture (dynamo + AOT autograd, eager kernels): same outputs and gradients, also with
-    the CPU batch chunks (psconv.CPU_CHUNK_BYTES) in the traced graph."""
+    the CPU batch chunks (psconv_impls.CPU_CHUNK_BYTES) in the traced graph."""
     x = torch.randn(3, kwargs["in_channels"], 10, 10, requires_grad=True)
     if chunked:
-        monkeypatch.setattr(psconv, "CPU_CHUNK_BYTES", x[0].numel() * x.element_size())
+        monkeypatch.setattr(psconv_impls, "CPU_CHUNK_BYTES", x[0].numel() * x.element_size())
     module = PSConv2d(**kwargs)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     out = compiled(x)
@@ -268,7 +268,7 @@ def test_torch_compile_inductor() -> None:
         ({"axes": "spatial"}, r"axes must be one of \('both', 'input', 'output'\)"),
         (
             {"impl": "triton"},
-            r"impl must be None .* or one of \('grouped', 'shifts', 'blocks', 'depthwise'\)",
+            r"impl must be None .* or one of \('grouped', 'shifts', 'depthwise'\)",
         ),
         ({"stride": 0}, r"stride must be an int >= 1"),
         ({"padding": -1}, r"padding must be an int >= 0"),

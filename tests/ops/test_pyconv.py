@@ -23,15 +23,15 @@ def test_pyconvresnet50_layer1_levels() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kernels", "groups", "out_channels", "splits"),
+    ("kernels", "pyramid_groups", "out_channels", "splits"),
     [
         ((3, 5, 7), (1, 4, 8), 128, (32, 32, 64)),  # three levels: 1/4, 1/4, 1/2
         ((3, 5), (1, 4), 256, (128, 128)),  # two levels: 1/2 each
         ((3,), (1,), 512, (512,)),  # one level: a plain 3x3
     ],
 )
-def test_default_splits(kernels, groups, out_channels, splits) -> None:
-    module = PyConv2d(64, out_channels, kernels, groups)
+def test_default_splits(kernels, pyramid_groups, out_channels, splits) -> None:
+    module = PyConv2d(64, out_channels, kernels, pyramid_groups)
     assert module.out_splits == splits
     assert tuple(level.out_channels for level in module.levels) == splits
 
@@ -67,17 +67,17 @@ def test_channels_last_and_bf16_autocast() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"groups": (1, 4, 8)}, r"groups has 3 entries but kernel_sizes has 4"),
+        ({"pyramid_groups": (1, 4, 8)}, r"pyramid_groups has 3 entries but kernel_sizes has 4"),
         ({"out_splits": (16, 16, 32)}, r"out_splits has 3 entries but kernel_sizes has 4"),
         ({"out_splits": (16, 16, 16, 8)}, r"out_splits \(16, 16, 16, 8\) must sum to out_channels=64"),
         ({"kernel_sizes": (3, 4, 7, 9)}, r"kernel_sizes\[1\] must be odd"),
-        ({"groups": (1, 4, 8, 48)}, r"groups\[3\]=48 must divide in_channels=64"),
+        ({"pyramid_groups": (1, 4, 8, 48)}, r"pyramid_groups\[3\]=48 must divide in_channels=64"),
         (
-            {"groups": (1, 4, 8, 32), "out_splits": (16, 16, 16, 16), "in_channels": 96},
-            r"groups\[3\]=32 must divide",
+            {"pyramid_groups": (1, 4, 8, 32), "out_splits": (16, 16, 16, 16), "in_channels": 96},
+            r"pyramid_groups\[3\]=32 must divide",
         ),
         ({"out_channels": 66}, r"out_channels=66 cannot be split into PyConv's 4-level shares"),
-        ({"groups": (1, 0, 8, 16)}, r"groups\[1\] must be a positive integer"),
+        ({"pyramid_groups": (1, 0, 8, 16)}, r"pyramid_groups\[1\] must be a positive integer"),
         ({"stride": 0}, r"stride must be a positive integer"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 
@@ -57,6 +58,17 @@ def report_user_errors() -> Iterator[None]:
     except PolyscaleError as err:
         info = dist_info()
         prefix = f"[rank {info.rank}] " if info.distributed else ""
-        sys.stderr.write(f"\n{prefix}Error ({type(err).__name__}): {err}\n")
+        message = f"{prefix}Error ({type(err).__name__}): {err}"
+        sys.stderr.write(f"\n{message}\n")
         sys.stderr.flush()
+        _to_log_files(message)
         sys.exit(EXIT_USER_ERROR)
+
+
+def _to_log_files(message: str) -> None:
+    """Also put the message into the run's log file (Hydra's train.log), where the run's story is read
+    later; the console already has it on stderr."""
+    record = logging.LogRecord("polyscale", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -1,7 +1,8 @@
 """Structured config schemas: a mistyped key or a wrong type fails when Hydra composes the config.
 
-`register_configs()` puts the schemas into Hydra's ConfigStore; `configs/train.yaml` and
-`configs/eval.yaml` list them first in their defaults so every YAML file is validated against them.
+`register_configs()` puts the schemas into Hydra's ConfigStore under the group `schema` (not under the
+groups they describe, so they are no choice of `model=`, `data=`, ...); every YAML file of a group
+lists its schema first (`- /schema/data@_here_`), so every file is validated against it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ __all__ = [
     "EvalRunConfig",
     "ModelConfig",
     "OptimConfig",
+    "SCHEMAS",
     "ScheduleConfig",
+    "TaskConfig",
     "TrainConfig",
     "TrainerConfig",
     "register_configs",
@@ -30,7 +33,15 @@ __all__ = [
 
 
 @dataclass
+class TaskConfig:
+    """What is trained (`task=NAME`): picks the data, model, loss and evaluator (polyscale.tasks)."""
+
+    name: str = "classification"
+
+
+@dataclass
 class TrainConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -47,6 +58,7 @@ class EvalRunConfig:
     command line sets (`model=NAME`, `data=NAME`, `data.root=...`, ...) replaces the stored values."""
 
     checkpoint: str | None = None
+    task: TaskConfig = field(default_factory=TaskConfig)  # the checkpoint's task unless given
     eval: EvalConfig = field(default_factory=EvalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -57,11 +69,19 @@ class EvalRunConfig:
 def register_configs() -> None:
     """Register the schemas with Hydra (idempotent)."""
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalRunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="model/conv", name="conv_schema", node=ConvConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="optim", name="optim_schema", node=OptimConfig)
-    cs.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    for name, node in SCHEMAS.items():
+        cs.store(group="schema", name=name, node=node)
+
+
+# schema/<name> in the ConfigStore; the YAML files of group <name> start with `- /schema/<name>@_here_`
+SCHEMAS = {
+    "train": TrainConfig,
+    "eval": EvalRunConfig,
+    "task": TaskConfig,
+    "model": ModelConfig,
+    "conv": ConvConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "trainer": TrainerConfig,
+}

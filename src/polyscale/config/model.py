@@ -17,11 +17,15 @@ class ConvConfig:
     # PSConv (PSConv paper, Eq. 3): cyclic dilation pattern, t = len(pattern), and the axes it varies on.
     dilation_pattern: list[int] = field(default_factory=lambda: [1, 2, 1, 4])
     axes: str = "both"  # both | input | output
-    # PSConv formulation (same values, different conv splits; docs/operators.md): null = the fastest
-    # measured per device (autotuned on CUDA under cudnn.benchmark) | grouped | shifts | blocks | depthwise
+    # How PSConv runs (same values, different conv splits; docs/operators.md): null = the fastest
+    # measured per device (autotuned on CUDA under cudnn.benchmark) | grouped | shifts | depthwise
     impl: str | None = None
-    # PyConv: per-stage pyramid kernels and groups (one list per stage); null = PyConvResNet's defaults.
+    # PyConv: per-stage pyramid kernels and per-level group counts (one list per stage); null = the
+    # network's defaults (polyscale.ops.pyconv).
     kernel_sizes: list[list[int]] | None = None
+    pyramid_groups: list[list[int]] | None = None
+    # Renamed to pyramid_groups (it was read as the conv's groups); kept only so that the engine can
+    # reject it with a message naming the new key. Checkpoints of older versions store it as null.
     groups: list[list[int]] | None = None
 
 

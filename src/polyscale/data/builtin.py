@@ -154,8 +154,8 @@ class BuiltinDataset(Dataset[tuple[Tensor, int]]):
     ) -> None:
         if not 2 <= num_classes <= len(FAMILIES):
             raise ConfigError(
-                f"The built-in data set has {len(FAMILIES)} classes, but data.num_classes={num_classes} was "
-                f"asked for. Set data.num_classes to a value between 2 and {len(FAMILIES)}."
+                f"The built-in data set has {len(FAMILIES)} classes, but `num_classes`={num_classes} was "
+                f"asked for. Set `num_classes` to a value between 2 and {len(FAMILIES)}."
             )
         if num_samples < 1:
             raise ConfigError(
@@ -163,7 +163,7 @@ class BuiltinDataset(Dataset[tuple[Tensor, int]]):
             )
         if image_size < 8:
             raise ConfigError(
-                f"The built-in data set draws images of at least 8x8 (got image_size={image_size})."
+                f"The built-in data set draws images of at least 8x8 (got `image_size`={image_size})."
             )
         self.split = split
         self.num_classes = num_classes

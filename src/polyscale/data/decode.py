@@ -6,6 +6,11 @@ the output (`Image.draft`, libjpeg's DCT-domain reduce). Training (`RandomResize
 and resizes with torch's antialiased uint8 kernel; evaluation (`ResizeCenterCropDecode`) resamples
 only the center-crop box with PIL, which gives the same pixels as PIL resize-then-crop (the filter
 support reaches outside the box), i.e. the reference evaluation protocol.
+
+Every decoder returns 8-bit RGB: grayscale, CMYK, palette and alpha images are converted, 16-bit
+images are scaled to 8 bits (round(v * 255 / 65535)), animated images give their first frame, and a
+truncated file is an error whatever PIL's global `ImageFile.LOAD_TRUNCATED_IMAGES` says (a truncated
+file would otherwise decode with its missing part grey and be trained on).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch import Tensor
 from torchvision import transforms as tv_transforms
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -34,6 +39,8 @@ __all__ = [
     "pil_resample",
     "pil_to_chw",
     "resized_size",
+    "to_rgb",
+    "uint16_to_uint8",
 ]
 
 _INTERPOLATIONS = {
@@ -45,9 +52,9 @@ _INTERPOLATIONS = {
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
-    """torchvision interpolation mode from the config string."""
+    """torchvision interpolation mode from its name."""
     if name not in _INTERPOLATIONS:
-        raise ConfigError(f"Unknown data.interpolation={name!r}; choose one of {sorted(_INTERPOLATIONS)}.")
+        raise ConfigError(f"Unknown `interpolation`={name!r}; choose one of {sorted(_INTERPOLATIONS)}.")
     return _INTERPOLATIONS[name]
 
 
@@ -55,9 +62,41 @@ def pil_resample(name: str) -> Image.Resampling:
     return Image.Resampling[interpolation_mode(name).name]
 
 
+def uint16_to_uint8(x: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """16-bit values -> uint8 round(v * 255 / 65535), exactly (v * 255 fits in int32)."""
+    if isinstance(x, Tensor):
+        return ((x.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    return ((x.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _load_strict(img: Image.Image) -> None:
+    """Decode the pixels now, raising OSError for a truncated file even where someone set PIL's global
+    LOAD_TRUNCATED_IMAGES (it would fill the missing part with grey)."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        img.load()
+        return
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, CMYK, palette and alpha images -> RGB (decodes the pixels)."""
-    img.load()  # decode now, while the file is open (and raise here for a broken one)
+    """Any PIL image -> 8-bit RGB (decodes the pixels; the first frame of an animated image).
+
+    PIL's own convert("RGB") clips 16-bit grayscale ("I;16", and "I" from 16-bit PGM/PNG) at 255, which
+    turns it nearly white: those are scaled instead. 32-bit float images have no defined 8-bit range and
+    raise ValueError (a bad file).
+    """
+    _load_strict(img)  # decode now, while the file is open (and raise here for a broken one)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{img.mode} image with values outside 0..65535: no defined 8-bit conversion")
+        img = Image.fromarray(uint16_to_uint8(values))  # (H, W) uint8: mode L
+    elif img.mode == "F":
+        raise ValueError("32-bit floating-point image (mode F): no defined 8-bit conversion")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL wants palette transparency expanded before dropping it
     return img if img.mode == "RGB" else img.convert("RGB")
@@ -138,7 +177,7 @@ class ResizeCenterCropDecode:
 
     def __init__(self, resize: int, crop: int, interpolation: str = "bilinear", draft: bool = True) -> None:
         if crop > resize:
-            raise ConfigError(f"Validation crop {crop} > its resize {resize}; use data.crop_ratio <= 1.")
+            raise ConfigError(f"Validation crop {crop} > its resize {resize}; use `crop_ratio` <= 1.")
         self.resize, self.crop = resize, crop
         self.resample = pil_resample(interpolation)
         self.draft = draft
@@ -159,10 +198,16 @@ def decode_rgb_tensor(path: str) -> Tensor:
     """Path -> uint8 (3, H, W) with torchvision.io (libjpeg-turbo / libpng); PIL for other formats."""
     data = read_file(path)
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
-        # decode_image knows JPEG/PNG/GIF/WebP/AVIF/HEIC only; BMP, TIFF, PPM go through PIL.
+        # decode_image knows JPEG/PNG/GIF/WebP/AVIF/HEIC only; BMP, TIFF, PPM and animated WebP go
+        # through PIL (which also rejects truncated files, see to_rgb).
         return F.pil_to_tensor(open_rgb(path))
+    if image.dim() == 4:  # animated GIF: (frames, 3, H, W)
+        image = image[0]
+    if image.dtype == torch.uint16:  # 16-bit PNG: decode_image keeps the 16-bit values
+        image = uint16_to_uint8(image)
+    return image
 
 
 def pil_to_chw(img: Image.Image) -> Tensor:
@@ -177,7 +222,7 @@ class Normalize255:
         self, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
     ) -> None:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ConfigError(f"data.mean and data.std need 3 values each (std > 0); got {mean} and {std}.")
+            raise ConfigError(f"`mean` and `std` need 3 values each (std > 0); got {mean} and {std}.")
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.shift = torch.tensor([255.0 * m for m in self.mean], device=device).view(3, 1, 1)
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=device).view(3, 1, 1)

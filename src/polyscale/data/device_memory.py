@@ -1,4 +1,4 @@
-"""In-memory sets kept whole on the device (`data.gpu_augment=true`): batched augmentation there.
+"""In-memory sets kept whole on the device (`gpu_augment=True`): batched augmentation there.
 
 CIFAR-10 is 150 MB as uint8: on a GPU, pad + random crop + flip of a whole batch are a few indexing
 kernels, so an epoch is bound by the model, not by data-loader workers. The order and the
@@ -8,8 +8,7 @@ read from bit fields of each sample's seed, so the stream depends on (seed, epoc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -54,15 +53,20 @@ class DeviceTensorTrainLoader:
         dataset: InMemoryImageDataset,
         sampler: TrainSampler,
         batch_size: int,
-        cfg: Any,
+        *,
+        size: int,
+        padding: int,
+        hflip: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
         device: torch.device,
     ) -> None:
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device)  # (N, 3, H, W) uint8
         self.targets = dataset.targets.to(self.device)  # (N,)
         self.sampler, self.batch_size = sampler, batch_size
-        self.size, self.padding, self.hflip = cfg.image_size, cfg.random_crop_padding, cfg.hflip
-        self.normalize = Normalize255(cfg.mean, cfg.std).to(self.device)
+        self.size, self.padding, self.hflip = size, padding, hflip
+        self.normalize = Normalize255(mean, std).to(self.device)
 
     def __len__(self) -> int:
         return self.sampler.num_samples // self.batch_size
@@ -90,15 +94,17 @@ class DeviceTensorEvalLoader:
         *,
         resize: int,
         crop: int,
-        cfg: Any,
+        interpolation: str,
+        mean: Sequence[float],
+        std: Sequence[float],
         device: torch.device,
     ) -> None:
         self.device = torch.device(device)
         self.images = dataset.images[shard.start : shard.stop].to(self.device)  # (n, 3, H, W) uint8
         self.targets = dataset.targets[shard.start : shard.stop].to(self.device)
         self.batch_size, self.resize, self.crop = batch_size, resize, crop
-        self.interp = interpolation_mode(cfg.interpolation)
-        self.normalize = Normalize255(cfg.mean, cfg.std).to(self.device)
+        self.interp = interpolation_mode(interpolation)
+        self.normalize = Normalize255(mean, std).to(self.device)
 
     def __len__(self) -> int:
         return -(-len(self.targets) // self.batch_size)

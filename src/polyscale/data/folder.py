@@ -1,10 +1,11 @@
 """Image files with class labels that survive bad files (ImageNet, any `train/` + `val/` class tree).
 
-A file that cannot be decoded (corrupt, truncated, not an image) is logged with its path and marked
-in `bad_file_mask`, a shared-memory tensor that every worker process writes into, so the run summary
-can count them (`count_bad_files`). Training substitutes the next decodable file (deterministic);
-evaluation returns the pipeline's placeholder with target -1, which the evaluator skips and counts.
-`on_bad_file="error"` raises `DataError` instead.
+A file that cannot be decoded (corrupt, truncated, empty, unreadable, not an image) is logged with its
+path and marked in `bad_file_mask`, a tensor in shared memory: DataLoader workers get the same memory
+whether they are forked or spawned, persistent or not, so the main process reads what every worker
+marked (`polyscale.data.count_bad_files`). Training substitutes the next decodable file
+(deterministic); evaluation returns the pipeline's placeholder with target -1, which the evaluator
+skips and counts. `on_bad_file="error"` raises `DataError` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from polyscale.data.options import DataOptions
 from polyscale.data.transforms import Pipeline
 from polyscale.errors import DataError
 
@@ -40,6 +42,7 @@ class ImageFileDataset(Dataset):
         image_size: int,
         on_bad_file: str = "skip",
         with_index: bool = False,
+        options: DataOptions | None = None,
     ) -> None:
         self.root = str(split_dir)
         self.classes = classes
@@ -55,6 +58,9 @@ class ImageFileDataset(Dataset):
         self.pipeline = pipeline
         self.train, self.image_size, self.on_bad_file = train, image_size, on_bad_file
         self.with_index = with_index
+        self.options = options  # the settings it was built with (the cuda decoder's device stage reads them)
+        # Shared memory pickles as a handle to the same pages (torch.multiprocessing), so spawned workers
+        # write into this very mask; forked ones inherit the mapping.
         self.bad_file_mask = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
@@ -69,8 +75,8 @@ class ImageFileDataset(Dataset):
         reason = f"{type(exc).__name__}: {exc}"
         if self.on_bad_file == "error":
             raise DataError(
-                f"Cannot decode image file {path} ({reason}). data.on_bad_file=error stops at the first "
-                f"bad file: replace or delete it, or set data.on_bad_file=skip to log, count and skip them."
+                f"Cannot decode image file {path} ({reason}). `on_bad_file`=error stops at the first "
+                f"bad file: replace or delete it, or set `on_bad_file`=skip to log, count and skip them."
             ) from exc
         if not self.bad_file_mask[index]:
             self.bad_file_mask[index] = 1

@@ -1,4 +1,4 @@
-"""GPU decode path (`data.decoder=cuda`): nvJPEG decode, random-resized-crop and flip on the device.
+"""GPU decode path (`decoder="cuda"`): nvJPEG decode, random-resized-crop and flip on the device.
 
 Data-loader workers only read the file bytes and draw the crop box and flip from the JPEG header
 (with the per-sample seed, the same draws as the PIL path); the main process decodes the whole batch

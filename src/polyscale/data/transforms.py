@@ -1,4 +1,4 @@
-"""Training and evaluation pipelines, built from the data config.
+"""Training and evaluation pipelines, built from `DataOptions`.
 
 Two families, as in the papers: ImageNet-style for image folders (RandomResizedCrop + flip
 [+ timm AutoAugment/RandAugment]; resize the shorter side to crop / crop_ratio + center crop) and
@@ -26,6 +26,7 @@ from polyscale.data.decode import (
     pil_resample,
 )
 from polyscale.data.gpu_decode import EncodedTrainLoad, EncodedValLoad, placeholder_encoded
+from polyscale.data.options import DataOptions
 from polyscale.errors import ConfigError
 
 __all__ = ["Pipeline", "eval_sizes", "folder_pipeline", "memory_transform", "timm_auto_augment"]
@@ -45,10 +46,10 @@ class Pipeline:
     placeholder: Callable[[], Any]
 
 
-def eval_sizes(cfg: Any, crop_size: int | None) -> tuple[int, int]:
+def eval_sizes(image_size: int, crop_ratio: float, crop_size: int | None) -> tuple[int, int]:
     """(resize, crop) of evaluation: crop = crop_size or image_size, resize = round(crop / crop_ratio)."""
-    crop = crop_size or cfg.image_size
-    return round(crop / cfg.crop_ratio), crop
+    crop = crop_size or image_size
+    return round(crop / crop_ratio), crop
 
 
 def timm_auto_augment(policy: str, image_size: int, mean: Sequence[float], interpolation: str) -> Any:
@@ -66,70 +67,72 @@ def timm_auto_augment(policy: str, image_size: int, mean: Sequence[float], inter
         return auto_augment_transform(policy, hparams)
     except (AssertionError, KeyError, ValueError, IndexError) as exc:
         raise ConfigError(
-            f"data.auto_augment={policy!r} is not a timm augmentation policy ({exc}). Use e.g. "
+            f"`auto_augment`={policy!r} is not a timm augmentation policy ({exc}). Use e.g. "
             f"'rand-m9-mstd0.5-inc1' (RandAugment), 'original' or 'v0' (AutoAugment), 'augmix-m5-w4-d2'."
         ) from exc
 
 
-def _pil_augment(cfg: Any, size: int) -> list[Callable[[Any], Any]]:
+def _pil_augment(opts: DataOptions, size: int) -> list[Callable[[Any], Any]]:
     """Auto-augment on a tensor image: to PIL, timm policy, back to a uint8 tensor."""
-    if not cfg.auto_augment:
+    if not opts.auto_augment:
         return []
-    aa = timm_auto_augment(cfg.auto_augment, size, cfg.mean, cfg.interpolation)
+    aa = timm_auto_augment(opts.auto_augment, size, opts.mean, opts.interpolation)
     return [v2.ToPILImage(), aa, v2.PILToTensor()]
 
 
-def _flip(cfg: Any) -> list[Callable[[Any], Any]]:
-    return [v2.RandomHorizontalFlip()] if cfg.hflip else []
+def _flip(opts: DataOptions) -> list[Callable[[Any], Any]]:
+    return [v2.RandomHorizontalFlip()] if opts.hflip else []
 
 
-def folder_pipeline(cfg: Any, split: str, crop_size: int | None = None) -> Pipeline:
-    """ImageNet-style pipeline for files, for `cfg.decoder` pil | torchvision | cuda."""
-    normalize = Normalize255(cfg.mean, cfg.std)
-    interp = interpolation_mode(cfg.interpolation)
-    resize, crop = eval_sizes(cfg, crop_size)
-    size = cfg.image_size if split == "train" else crop
+def folder_pipeline(opts: DataOptions, split: str, crop_size: int | None = None) -> Pipeline:
+    """ImageNet-style pipeline for files, for `opts.decoder` pil | torchvision | cuda."""
+    normalize = Normalize255(opts.mean, opts.std)
+    interp = interpolation_mode(opts.interpolation)
+    resize, crop = eval_sizes(opts.image_size, opts.crop_ratio, crop_size)
+    size = opts.image_size if split == "train" else crop
     zeros = partial(torch.zeros, 3, size, size)  # (partial, not a closure: pickles for spawn workers)
 
-    if cfg.decoder == "cuda":
+    if opts.decoder == "cuda":
         # Workers read bytes and draw crop boxes from the header; decode + crop run on the device.
         if split == "train":
-            load: Callable[[str], Any] = EncodedTrainLoad(cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip)
+            load: Callable[[str], Any] = EncodedTrainLoad(opts.rrc_scale, opts.rrc_ratio, opts.hflip)
         else:
             load = EncodedValLoad(resize, crop)
         return Pipeline(load, _identity, partial(placeholder_encoded, size))
-    if cfg.decoder == "pil":
+    if opts.decoder == "pil":
         if split == "train":
             load = RandomResizedCropDecode(
-                size, cfg.rrc_scale, cfg.rrc_ratio, cfg.interpolation, draft=cfg.jpeg_draft
+                size, opts.rrc_scale, opts.rrc_ratio, opts.interpolation, draft=opts.jpeg_draft
             )
-            steps = _flip(cfg) + _pil_augment(cfg, size)
+            steps = _flip(opts) + _pil_augment(opts, size)
         else:
-            load = ResizeCenterCropDecode(resize, crop, cfg.interpolation, draft=cfg.jpeg_draft)
+            load = ResizeCenterCropDecode(resize, crop, opts.interpolation, draft=opts.jpeg_draft)
             steps = []
         return Pipeline(load, v2.Compose([*steps, normalize]), zeros)
     # torchvision.io decode to a uint8 tensor, then tensor transforms.
     if split == "train":
         crop_op = v2.RandomResizedCrop(
-            size, cfg.rrc_scale, cfg.rrc_ratio, interpolation=interp, antialias=True
+            size, opts.rrc_scale, opts.rrc_ratio, interpolation=interp, antialias=True
         )
-        steps = [crop_op, *_flip(cfg), *_pil_augment(cfg, size)]
+        steps = [crop_op, *_flip(opts), *_pil_augment(opts, size)]
     else:
         steps = [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(crop)]
     return Pipeline(decode_rgb_tensor, v2.Compose([*steps, normalize]), zeros)
 
 
-def memory_transform(cfg: Any, split: str, native_size: int, crop_size: int | None = None) -> v2.Compose:
+def memory_transform(
+    opts: DataOptions, split: str, native_size: int, crop_size: int | None = None
+) -> v2.Compose:
     """CIFAR-style transform of a uint8 (3, H, W) tensor of an in-memory set."""
-    normalize = Normalize255(cfg.mean, cfg.std)
-    interp = interpolation_mode(cfg.interpolation)
+    normalize = Normalize255(opts.mean, opts.std)
+    interp = interpolation_mode(opts.interpolation)
     if split == "train":
         steps: list[Callable[[Any], Any]] = []
-        if cfg.random_crop_padding > 0 or cfg.image_size != native_size:
-            steps.append(v2.RandomCrop(cfg.image_size, padding=cfg.random_crop_padding or None))
-        steps += _flip(cfg) + _pil_augment(cfg, cfg.image_size)
+        if opts.random_crop_padding > 0 or opts.image_size != native_size:
+            steps.append(v2.RandomCrop(opts.image_size, padding=opts.random_crop_padding or None))
+        steps += _flip(opts) + _pil_augment(opts, opts.image_size)
         return v2.Compose([*steps, normalize])
-    resize, crop = eval_sizes(cfg, crop_size)
+    resize, crop = eval_sizes(opts.image_size, opts.crop_ratio, crop_size)
     steps = []
     if resize != native_size:
         steps.append(v2.Resize(resize, interpolation=interp, antialias=True))

@@ -24,9 +24,9 @@ from polyscale.errors import ConfigError
 __all__ = [
     "DistInfo",
     "all_gather_object",
+    "all_reduce_max",
     "all_reduce_min",
     "all_reduce_sum",
-    "barrier",
     "broadcast_buffers",
     "destroy_distributed",
     "dist_info",
@@ -148,18 +148,25 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks in place (no-op for a single process); returns it for chaining."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     """Minimum over all ranks in place (no-op for a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum over all ranks in place (no-op for a single process)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
@@ -180,12 +187,6 @@ def broadcast_buffers(model: nn.Module) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
-
-
-def barrier() -> None:
-    """Wait for all ranks (no-op for a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def destroy_distributed() -> None:

@@ -1,7 +1,9 @@
-"""evaluate.py's work: rebuild the model of a checkpoint, evaluate it exactly at one or more crop sizes.
+"""`evaluate_checkpoint`, evaluate.py's work: rebuild a checkpoint's network and let its task evaluate it.
 
-The model and data configs come from the config stored in our checkpoints. Command-line overrides win:
-a group choice (`model=NAME`, `model/conv=NAME`, `data=NAME`) replaces that part of the stored config,
+The task, model and data configs come from the config stored in our checkpoints. The command line
+changes them: naming a group option (`model=NAME`, `model/conv=NAME`, `data=NAME`, `task=NAME`) other
+than the stored one replaces that part of the stored config, while naming the stored one keeps the
+stored values (so `data=imagefolder data.root=DIR` evaluates at the crop the run was trained with);
 a key (`data.root=...`, `model.drop_rate=...`) replaces one value. Bare state dicts carry no config, so
 they need `model=NAME` (and usually `data=NAME`).
 """
@@ -14,46 +16,46 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 from polyscale.config import TrainConfig
-from polyscale.data import build_dataset, build_val_loader
-from polyscale.engine.build import build_model, check_model_config
-from polyscale.engine.checkpoint import is_polyscale_checkpoint, load_checkpoint
-from polyscale.engine.distributed import init_distributed, resolve_device
-from polyscale.engine.runtime import (
-    autocast_factory,
-    configure_determinism,
-    per_rank_val_batch,
-    seed_everything,
-    tune_cpu_allocator,
+from polyscale.engine.checkpoint import (
+    is_polyscale_checkpoint,
+    load_checkpoint,
+    model_state,
+    stored_config,
+    trained_as,
 )
-from polyscale.engine.trainer import StepSettings, evaluate
-from polyscale.errors import CheckpointError, ConfigError
+from polyscale.engine.runtime import start_process
+from polyscale.errors import CheckpointError, ConfigError, one_line
 from polyscale.models import load_model_weights
+from polyscale.tasks import Checkpoint, Runtime, Task, get_task
 
 __all__ = ["effective_config", "evaluate_checkpoint"]
 
 log = logging.getLogger("polyscale.evaluate")
-_GROUPS = ("model", "data")
+_SECTIONS = ("task", "model", "data")
+# group choice on the command line -> (its config section, the key holding the option's name)
+_GROUPS = {"task": ("task", "task.name"), "model": ("model", "model.name"), "data": ("data", "data.name")}
+_GROUPS["model/conv"] = ("model.conv", "model.conv.name")
 
 
 def effective_config(cfg: DictConfig, ckpt: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
-    """The model and data config to evaluate with: the checkpoint's, updated by the command line's."""
+    """The task, model and data config to evaluate with: the checkpoint's, updated by the command line's."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     chosen = {o.key_or_group for o in parsed}
     base = OmegaConf.structured(TrainConfig)
-    if is_polyscale_checkpoint(ckpt):
-        stored = ckpt.get("config") or {}
+    stored = (ckpt.get("config") or {}) if is_polyscale_checkpoint(ckpt) else None
+    if stored is not None:
         try:
-            base = OmegaConf.merge(base, {k: stored[k] for k in _GROUPS if k in stored})
+            base = OmegaConf.merge(base, {k: stored[k] for k in _SECTIONS if k in stored})
         except OmegaConfBaseException as err:
             raise CheckpointError(
                 f"The config stored in checkpoint {cfg.checkpoint} does not fit this polyscale version "
-                f"({str(err).splitlines()[0]}). Pass the model and data explicitly: model=NAME data=NAME."
+                f"({one_line(err)}). Pass the model and data explicitly: model=NAME data=NAME."
             ) from err
     else:
         if not chosen & {"model", "model.name"}:
@@ -62,86 +64,70 @@ def effective_config(cfg: DictConfig, ckpt: dict[str, Any], overrides: Sequence[
                 "Name it on the command line: python evaluate.py checkpoint=PATH model=NAME data=NAME ..."
             )
         base.model, base.data = cfg.model, cfg.data
-    for key in ("model", "data", "model/conv"):  # group choices replace whole sections
-        if key in chosen:
-            OmegaConf.update(
-                base, key.replace("/", "."), OmegaConf.select(cfg, key.replace("/", ".")), merge=False
-            )
+    for group, (section, name_key) in _GROUPS.items():  # another option replaces the whole section
+        if group in chosen and OmegaConf.select(base, name_key) != OmegaConf.select(cfg, name_key):
+            OmegaConf.update(base, section, OmegaConf.select(cfg, section), merge=False)
     for override in parsed:  # single keys replace single values
         key = override.key_or_group
-        if key.startswith(("model.", "data.")):
+        if key.startswith(("model.", "data.", "task.")):
             OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
     base.model.checkpoint_path = None  # the weights come from the checkpoint being evaluated
     return base
 
 
+def _loader(task: Task, run_cfg: DictConfig, runtime: Runtime, ckpt: dict[str, Any], cfg: DictConfig) -> Any:
+    """A function num_classes -> the network of `run_cfg` with the checkpoint's weights."""
+    path = str(cfg.checkpoint)
+    ours = is_polyscale_checkpoint(ckpt)
+    weights = model_state(ckpt, use_ema=cfg.eval.use_ema, source=path) if ours else ckpt
+    was = trained_as(ckpt) if is_polyscale_checkpoint(ckpt) else None
+    now = f"model={run_cfg.model.name} model/conv={run_cfg.model.conv.name}"
+    if was is not None and was.split() != now.split()[: len(was.split())] and runtime.rank == 0:
+        log.warning(
+            "%s was trained as %s but is evaluated as %s (named on the command line). The weights fit both "
+            "networks' shapes, so they load; drop the model override to evaluate the network it was "
+            "trained as.",
+            path,
+            was,
+            now,
+        )
+
+    def load(num_classes: int) -> nn.Module:
+        model = task.build_model(run_cfg, num_classes, runtime)
+        fix = (
+            "Fix: evaluate with the network the checkpoint was trained as (model=NAME, model/conv=TYPE, "
+            "model.num_classes=N on the command line)."
+        )
+        load_model_weights(model, weights, strict=True, name=path, trained_as=was, fix=fix)
+        return model
+
+    return load
+
+
 def evaluate_checkpoint(
     cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Evaluate `cfg.checkpoint` at every `cfg.eval.crop_sizes`; rank 0 writes and returns the JSON report."""
+    """Evaluate `cfg.checkpoint` as its task says; rank 0 writes and returns the JSON report."""
     if not cfg.checkpoint:
         raise ConfigError(
             "evaluate.py needs a checkpoint: python evaluate.py checkpoint=RUN_DIR/checkpoints/best.pt"
         )
-    info = init_distributed()
-    device = resolve_device(cfg.trainer.device, info)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        tune_cpu_allocator()
-    configure_determinism(cfg.trainer.deterministic, device)
-    seed_everything(cfg.seed)
+    tcfg = cfg.trainer
+    runtime = start_process(tcfg, cfg.seed)
     ckpt = load_checkpoint(cfg.checkpoint)
     if cfg.eval.use_ema and not is_polyscale_checkpoint(ckpt):
         raise ConfigError(
             f"eval.use_ema=true needs a polyscale checkpoint; {cfg.checkpoint} is a bare state dict."
         )
     run_cfg = effective_config(cfg, ckpt, overrides)
-    data_cfg = run_cfg.data
-    check_model_config(run_cfg.model, data_cfg.num_classes)  # fail fast, before loading data
-    crops = list(cfg.eval.crop_sizes) or [None]  # None: the data config's image_size
-    first = build_dataset(data_cfg, "val", crop_size=crops[0])
-    num_classes = int(first.num_classes)
-    model = build_model(run_cfg.model, num_classes, device, channels_last=cfg.trainer.channels_last)
-    # By path, so that mismatch errors name the file.
-    load_model_weights(model, cfg.checkpoint, strict=True, use_ema=cfg.eval.use_ema)
-    settings = StepSettings(
-        device=device,
-        loss_fn=torch.nn.CrossEntropyLoss(),
-        steps=0,
-        autocast=autocast_factory(cfg.trainer.precision, device),
-        channels_last=cfg.trainer.channels_last,
-        progress=cfg.trainer.progress and info.is_main,
-    )
-    results = []
-    for i, crop in enumerate(crops):
-        dataset = first if i == 0 else build_dataset(data_cfg, "val", crop_size=crop)
-        loader = build_val_loader(
-            dataset,
-            data_cfg,
-            rank=info.rank,
-            world_size=info.world_size,
-            batch_size=per_rank_val_batch(data_cfg, info.world_size),
-            device=device,
-        )
-        size = crop if crop is not None else data_cfg.image_size
-        r = evaluate(
-            model,
-            loader,
-            settings,
-            expected_total=len(dataset),
-            limit_batches=cfg.trainer.limit_val_batches,
-            desc=f"eval {size}px",
-        )
-        results.append({"crop_size": size, "top1": r.top1, "top5": r.top5, "num_samples": r.num_samples})
-        if info.is_main:
-            print(
-                f"crop {size}: top-1 {r.top1:.2f}% (error {100 - r.top1:.2f}%)  top-5 {r.top5:.2f}% "
-                f"(error {100 - r.top5:.2f}%)  {r.num_samples} samples, {r.bad_files} bad files",
-                flush=True,
-            )
-    report = {"checkpoint": str(cfg.checkpoint), "results": results}
-    if info.is_main:
+    run_cfg.trainer = cfg.trainer
+    task = get_task(run_cfg.task.name)
+    task.check(run_cfg)  # fail fast, before loading data
+    stored = stored_config(ckpt) if is_polyscale_checkpoint(ckpt) else None
+    load = _loader(task, run_cfg, runtime, ckpt, cfg)
+    rows = task.evaluate_checkpoint(Checkpoint(load, stored), run_cfg, cfg.eval, runtime)
+    report = {"checkpoint": str(cfg.checkpoint), "results": rows}
+    if runtime.rank == 0:
         output = Path(cfg.eval.output) if cfg.eval.output else Path(run_dir) / "eval.json"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")

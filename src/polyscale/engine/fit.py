@@ -1,104 +1,50 @@
-"""`run_training`: build everything from the config, resume if asked, loop over epochs, record the run."""
+"""`run_training`: set up the process, let the task build its pieces, resume if asked, loop over epochs,
+record the run. The same for every task (polyscale.tasks)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from polyscale.engine.build import (
-    DataBundle,
-    build_data,
-    build_ema,
-    build_loss,
-    build_model,
-    check_model_config,
-    wrap_model,
-)
+from polyscale.data import bad_file_mask
+from polyscale.engine.build import build_ema, wrap_model
 from polyscale.engine.checkpoint import (
-    capture_rng_state,
-    is_polyscale_checkpoint,
     load_checkpoint,
-    restore_rng_state,
+    remove_stale_temp_files,
     save_checkpoint,
+    weights_problem,
 )
-from polyscale.engine.distributed import (
-    DistInfo,
-    all_gather_object,
-    broadcast_buffers,
-    init_distributed,
-    resolve_device,
-)
+from polyscale.engine.checks import check_values
+from polyscale.engine.distributed import all_gather_object, all_reduce_max, broadcast_buffers
+from polyscale.engine.loop import StepSettings, TrainState, train_one_epoch
 from polyscale.engine.optim import build_optimizer, build_scheduler
+from polyscale.engine.resume import check_resumable, resolve_resume, restore
 from polyscale.engine.run_dir import RunRecorder, collect_environment
+from polyscale.engine.run_lock import lock_run_dir
 from polyscale.engine.runtime import (
-    autocast_factory,
-    configure_determinism,
+    Runtime,
+    capture_rng_state,
     make_grad_scaler,
     micro_batch_size,
     seed_everything,
-    tune_cpu_allocator,
+    start_process,
 )
-from polyscale.engine.trainer import EvalResult, StepSettings, TrainState, evaluate, train_one_epoch
-from polyscale.errors import CheckpointError, ConfigError
-from polyscale.models import load_model_weights
+from polyscale.engine.signals import STOP_SIGNALS, StopSignals, resume_command, stop_exit_code, stop_requested
+from polyscale.errors import ConfigError, NonFiniteLossError
+from polyscale.tasks import DataBundle, Task, get_task
 
-__all__ = ["resolve_resume", "run_training"]
+__all__ = ["run_training"]
+
+STOP_SIGNAL_NAMES = {s.name for s in STOP_SIGNALS}
 
 log = logging.getLogger("polyscale.train")
-
-
-def resolve_resume(spec: str | None, run_dir: Path) -> Path | None:
-    """`auto`: the run directory's last.pt if it exists (else start fresh); a path: that file."""
-    if spec is None:
-        return None
-    if spec == "auto":
-        path = run_dir / "checkpoints" / "last.pt"
-        if path.is_file():
-            return path
-        log.info("trainer.resume=auto: no checkpoint at %s, starting a fresh run.", path)
-        return None
-    path = Path(spec)
-    if not path.is_file():
-        raise CheckpointError(
-            f"trainer.resume={spec} does not exist. Pass the path of a last.pt written by a polyscale run, "
-            "or trainer.resume=auto with hydra.run.dir=RUN_DIR to continue that run."
-        )
-    return path
-
-
-def _restore(state: TrainState, path: Path, info: DistInfo, seed: int) -> None:
-    """Load model, optimizer, schedule, scaler, EMA, counters and this rank's RNG from `path`."""
-    ckpt = load_checkpoint(path)
-    if not is_polyscale_checkpoint(ckpt):
-        raise CheckpointError(
-            f"{path} is a bare state dict, not a polyscale checkpoint, so it cannot continue a run. To start "
-            f"from its weights, use model.checkpoint_path={path} instead of trainer.resume."
-        )
-    load_model_weights(state.model, ckpt["model"], strict=True)
-    try:
-        state.load_state_dict(ckpt)
-    except (KeyError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{path} does not fit this run's optimizer / schedule / EMA settings ({err}). Resume with the "
-            "configuration the checkpoint was written with (its config is stored in the checkpoint)."
-        ) from err
-    rng = ckpt.get("rng") or []
-    if len(rng) == info.world_size:
-        restore_rng_state(rng[info.rank])
-    else:
-        log.warning(
-            "%s was written by %d rank(s), this run has %d: RNG states re-seeded, the resume is not exact.",
-            path,
-            len(rng),
-            info.world_size,
-        )
-        seed_everything(seed + info.rank + state.global_step)
-    log.info("Resumed from %s at global step %d (epoch %d).", path, state.global_step, state.epoch + 1)
 
 
 def _steps_per_epoch(cfg: DictConfig, data: DataBundle) -> int:
@@ -113,173 +59,230 @@ def _steps_per_epoch(cfg: DictConfig, data: DataBundle) -> int:
     return steps
 
 
-def _build_state(cfg: DictConfig, data: DataBundle, device: torch.device, steps: int) -> TrainState:
+def _build_state(cfg: DictConfig, task: Task, data: DataBundle, runtime: Runtime, steps: int) -> TrainState:
     """Model, optimizer, schedule, grad scaler and EMA; identical initial weights on every rank."""
     tcfg = cfg.trainer
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, data.num_classes, device, channels_last=tcfg.channels_last)
+    model = task.build_model(cfg, data.num_classes, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     return TrainState(
         model=model,
         train_model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.schedule, steps_per_epoch=steps, epochs=tcfg.epochs),
-        scaler=make_grad_scaler(tcfg.precision, device),
+        scaler=make_grad_scaler(tcfg.precision, runtime.device),
         ema=build_ema(tcfg, model),
     )
 
 
 class _Checkpoints:
-    """Writes last.pt / best.pt (rank 0) with every rank's RNG state; remembers the last good one."""
+    """Writes best.pt and last.pt (rank 0) with every rank's RNG state; remembers the last good one.
+
+    A checkpoint is written only with finite, undiverged weights, so last.pt is always a state to continue
+    from; best.pt is written before last.pt, so results.json never names a best epoch whose file is missing.
+    """
 
     def __init__(
-        self, state: TrainState, info: DistInfo, folder: Path, cfg: DictConfig, resumed: Path | None
+        self, state: TrainState, runtime: Runtime, folder: Path, cfg: DictConfig, resumed: Path | None
     ):
-        self.state, self.info, self.folder = state, info, folder
+        self.state, self.info, self.folder = state, runtime.info, folder
         self.config = OmegaConf.to_container(cfg, resolve=True)
         at = f" (after global step {state.global_step})"
         self.last_good = f"{resumed}{at}" if resumed else "none written yet"
 
     def write(self, metrics: dict[str, Any], *, best: bool = False) -> None:
+        problem = _diverged(self.state)
+        if problem is not None:
+            raise NonFiniteLossError(
+                f"The weights diverged by global step {self.state.global_step} ({problem}); no checkpoint "
+                f"was written. Last good checkpoint: {self.last_good}. Lower optim.lr, add warm-up "
+                "(schedule.warmup_epochs) or clip gradients (trainer.clip_grad_norm), then continue from "
+                "that checkpoint with trainer.resume=PATH (changed optim and schedule settings apply)."
+            )
         rng = all_gather_object(capture_rng_state())  # a collective: every rank calls write()
         if self.info.is_main:
             payload = {**self.state.state_dict(), "rng": rng, "config": self.config, "metrics": metrics}
-            save_checkpoint(payload, self.folder / "last.pt")
             if best:
                 save_checkpoint(payload, self.folder / "best.pt")
+            save_checkpoint(payload, self.folder / "last.pt")
         self.last_good = f"{self.folder / 'last.pt'} (after global step {self.state.global_step})"
 
 
+def _diverged(state: TrainState) -> str | None:
+    """What makes the state unfit to continue from: a non-finite tensor anywhere, or a diverged parameter.
+    (BatchNorm statistics may legitimately be large on unnormalised inputs; only their finiteness counts.)"""
+    models = {"model": state.model} | ({"ema": state.ema.module} if state.ema is not None else {})
+    for prefix, module in models.items():
+        params = {f"{prefix}.{n}": p for n, p in module.named_parameters()}
+        buffers = {f"{prefix}.{n}": b for n, b in module.named_buffers()}
+        problem = weights_problem(params) or weights_problem(buffers, limit=math.inf)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _bad_train_files(data: DataBundle, device: torch.device) -> int:
+    """Distinct unreadable training files met so far by any rank or worker (a collective)."""
+    mask = bad_file_mask(data.train_set)
+    if mask is None:
+        return 0
+    return int(all_reduce_max(mask.to(device=device, dtype=torch.int32)).sum())
+
+
 def _validate(
-    state: TrainState, eval_model: torch.nn.Module, data: DataBundle, settings: StepSettings, tcfg: DictConfig
-) -> tuple[dict[str, Any], EvalResult]:
-    """Evaluate the main (and EMA) weights; returns the metrics record and the result best.pt tracks."""
+    task: Task, state: TrainState, eval_model: torch.nn.Module, data: DataBundle, runtime: Runtime, tcfg: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate the main (and EMA) weights; returns the record fields and the metrics best.pt tracks."""
     broadcast_buffers(state.model)  # every rank evaluates (and rank 0 saves) rank 0's BN statistics
     kwargs = {"expected_total": len(data.val_set), "limit_batches": tcfg.limit_val_batches}
-    start = time.perf_counter()
-    main = evaluate(eval_model, data.val_loader, settings, desc=f"val {state.epoch + 1}", **kwargs)
-    record = {"val_top1": main.top1, "val_top5": main.top5, "val_loss": main.loss}
-    record.update(val_samples=main.num_samples, bad_files=main.bad_files)
-    tracked = main
+    main = task.evaluate(eval_model, data.val_loader, runtime, desc=f"val {state.epoch + 1}", **kwargs)
+    record, tracked = task.record(main, "val"), main
     if state.ema is not None:
         broadcast_buffers(state.ema.module)
-        ema = evaluate(
-            state.ema.module, data.val_loader, settings, desc=f"val ema {state.epoch + 1}", **kwargs
+        ema = task.evaluate(
+            state.ema.module, data.val_loader, runtime, desc=f"val ema {state.epoch + 1}", **kwargs
         )
-        record.update(ema_top1=ema.top1, ema_top5=ema.top5, ema_loss=ema.loss)
+        record.update(task.record(ema, "ema"))
         if tcfg.best_on_ema:
-            tracked = EvalResult(ema.top1, ema.top5, ema.loss, main.num_samples, main.bad_files)
-    record["val_time_s"] = time.perf_counter() - start
+            tracked = {**ema, "num_samples": main["num_samples"], "bad_files": main["bad_files"]}
     return record, tracked
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     """Train as `cfg` says, writing the run directory (rank 0). Returns results.json's content, or None
-    when `trainer.stop_after_steps` stopped the run early."""
-    run_dir, info, tcfg = Path(run_dir), init_distributed(), cfg.trainer
-    device = resolve_device(tcfg.device, info)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        tune_cpu_allocator()
-    configure_determinism(tcfg.deterministic, device)
+    when the run stopped early (a signal, `trainer.stop_after_steps`) or had nothing left to train."""
+    check_values(cfg)
+    task = get_task(cfg.task.name)
+    tcfg, run_dir = cfg.trainer, Path(run_dir)
+    runtime = start_process(tcfg, cfg.seed)
+    with lock_run_dir(run_dir, enabled=runtime.info.is_main):
+        if runtime.info.is_main:
+            for path in remove_stale_temp_files(run_dir / "checkpoints"):
+                log.info("Removed %s, left by an interrupted checkpoint write.", path)
+        return _fit(cfg, task, runtime, run_dir)
+
+
+def _fit(cfg: DictConfig, task: Task, runtime: Runtime, run_dir: Path) -> dict[str, Any] | None:
+    tcfg, info, device = cfg.trainer, runtime.info, runtime.device
     micro = micro_batch_size(cfg.data.batch_size, info.world_size, tcfg.accum_steps)
-    check_model_config(cfg.model, cfg.data.num_classes)  # fail fast, before loading data
-    data = build_data(cfg, info, device, micro)
-    steps = _steps_per_epoch(cfg, data)
-    state = _build_state(cfg, data, device, steps)
-    loss_fn, mixup = build_loss(tcfg, data.num_classes, micro)
-    seed_everything(cfg.seed + info.rank)  # per-rank stream for dropout, Mixup/CutMix
+    task.check(cfg)  # fail fast, before loading data
     resume_path = resolve_resume(tcfg.resume, run_dir)
-    if resume_path is not None:
-        _restore(state, resume_path, info, cfg.seed)
+    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, resume_path)  # before the data is read
+    data = task.build_data(cfg, runtime, micro)
+    steps = _steps_per_epoch(cfg, data)
+    state = _build_state(cfg, task, data, runtime, steps)
+    batch_loss = task.batch_loss(cfg, data, runtime, micro)
+    seed_everything(cfg.seed + info.rank)  # per-rank stream for dropout, Mixup/CutMix
+    if ckpt is not None:
+        restore(state, ckpt, resume_path, cfg, info)
     state.train_model, state.ddp = wrap_model(state.model, tcfg, info, device)
     eval_model = torch.compile(state.model) if tcfg.compile else state.model
-    settings = StepSettings(
-        device=device,
-        loss_fn=loss_fn,
-        steps=steps,
-        autocast=autocast_factory(tcfg.precision, device),
-        accum_steps=tcfg.accum_steps,
-        clip_grad_norm=tcfg.clip_grad_norm,
-        channels_last=tcfg.channels_last,
-        mixup=mixup,
-        log_every=tcfg.log_every_n_steps,
-        checkpoint_every=tcfg.checkpoint_every_n_steps,
-        stop_after_steps=tcfg.stop_after_steps,
-        progress=tcfg.progress and info.is_main,
-    )
     # TensorBoard events up to the checkpoint's step were written before it was saved; later ones are redone.
     purge = state.global_step + 1 if resume_path else None
     recorder = RunRecorder(run_dir, enabled=info.is_main, tensorboard=tcfg.tensorboard, purge_step=purge)
     recorder.write_config(cfg)
     recorder.write_environment(collect_environment(world_size=info.world_size, device=device))
-    checkpoints = _Checkpoints(state, info, recorder.checkpoint_dir, cfg, resume_path)
+    checkpoints = _Checkpoints(state, runtime, recorder.checkpoint_dir, cfg, resume_path)
     log.info(
-        "Training %s on %s: %d rank(s), device %s, global batch %d (%d per rank x %d accumulation), "
+        "Training %s (%s) on %s: %d rank(s), device %s, global batch %d (%d per rank x %d accumulation), "
         "%d steps/epoch, %d epochs, run dir %s",
-        *(cfg.model.name, cfg.data.name, info.world_size, device, cfg.data.batch_size, micro),
+        *(cfg.model.name, task.name, cfg.data.name, info.world_size, device, cfg.data.batch_size, micro),
         *(tcfg.accum_steps, steps, tcfg.epochs, run_dir),
     )
+    settings = StepSettings(
+        device=device,
+        batch_loss=batch_loss,
+        steps=steps,
+        accum_steps=tcfg.accum_steps,
+        clip_grad_norm=tcfg.clip_grad_norm,
+        log_every=tcfg.log_every_n_steps,
+        checkpoint_every=tcfg.checkpoint_every_n_steps,
+        stop_after_steps=tcfg.stop_after_steps,
+        progress=runtime.show_progress,
+    )
     final: dict[str, Any] | None = None
-    while state.epoch < tcfg.epochs:
-        data.train_loader.set_epoch(state.epoch, start_batch=state.step_in_epoch * tcfg.accum_steps)
-        stats = train_one_epoch(
-            state,
-            data.train_loader,
-            settings,
-            recorder=recorder,
-            on_checkpoint=lambda: checkpoints.write({"partial_epoch": True}),
-            last_good=lambda: checkpoints.last_good,
-        )
-        if stats.stopped:
-            log.info("Stopped after global step %d (trainer.stop_after_steps).", state.global_step)
-            recorder.close()
-            return None
-        record: dict[str, Any] = {"epoch": state.epoch + 1, "global_step": state.global_step}
-        record.update(train_loss=stats.loss, lr=state.optimizer.param_groups[0]["lr"])
-        record.update(images_per_s=stats.images_per_s, epoch_time_s=stats.seconds)
-        is_best = False
-        if (state.epoch + 1) % tcfg.val_every_n_epochs == 0 or state.epoch + 1 == tcfg.epochs:
-            val_record, tracked = _validate(state, eval_model, data, settings, tcfg)
-            record.update(val_record)
-            final = {"top1": tracked.top1, "top5": tracked.top5, "epoch": state.epoch + 1}
-            final.update(num_val_samples=tracked.num_samples, bad_files=tracked.bad_files)
-            is_best = not state.best or tracked.top1 > state.best["top1"]
-            if is_best:
-                state.best = {"top1": tracked.top1, "top5": tracked.top5, "epoch": state.epoch + 1}
-        state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        checkpoints.write(record, best=is_best)
-        recorder.epoch_metrics(record)
-        recorder.scalars(
-            {f"epoch/{k}": float(v) for k, v in record.items() if k != "epoch"}, state.global_step
-        )
-        log.info(_summary(record, tcfg.epochs))
-    recorder.close()
+    bad_train = bad_val = 0
+    # (installed before the loaders start their workers, which inherit the handlers)
+    with StopSignals(announce=info.is_main) as signals, contextlib.closing(recorder):
+        settings.stop_requested = lambda: stop_requested(signals)
+        while state.epoch < tcfg.epochs:
+            data.train_loader.set_epoch(state.epoch, start_batch=state.step_in_epoch * tcfg.accum_steps)
+            stats = train_one_epoch(
+                state,
+                data.train_loader,
+                settings,
+                recorder=recorder,
+                on_checkpoint=lambda: checkpoints.write({"partial_epoch": True}),
+                last_good=lambda: checkpoints.last_good,
+            )
+            if stats.stopped:
+                _report_stop(stats.stopped, state, run_dir)
+                return None
+            record: dict[str, Any] = {"epoch": state.epoch + 1, "global_step": state.global_step}
+            record.update(train_loss=stats.loss, lr=state.optimizer.param_groups[0]["lr"])
+            record.update(images_per_s=stats.images_per_s, epoch_time_s=stats.seconds)
+            bad_train = _bad_train_files(data, device)
+            is_best = False
+            if (state.epoch + 1) % tcfg.val_every_n_epochs == 0 or state.epoch + 1 == tcfg.epochs:
+                val_record, tracked = _validate(task, state, eval_model, data, runtime, tcfg)
+                record.update(val_record)
+                bad_val = tracked["bad_files"]
+                final = {**{k: tracked[k] for k in task.result_keys}, "epoch": state.epoch + 1}
+                final["num_samples"] = tracked["num_samples"]
+                best_value = state.best.get(task.best_metric)
+                is_best = best_value is None or tracked[task.best_metric] > best_value
+                if is_best:
+                    state.best = {**{k: tracked[k] for k in task.result_keys}, "epoch": state.epoch + 1}
+            if bad_train or bad_val:
+                record.update(bad_files_train=bad_train, bad_files_val=bad_val)
+            state.epoch, state.step_in_epoch, state.epoch_progress = state.epoch + 1, 0, {}
+            checkpoints.write(record, best=is_best)
+            recorder.epoch_metrics(record)
+            epoch_scalars = {f"epoch/{k}": float(v) for k, v in record.items() if k != "epoch"}
+            recorder.scalars(epoch_scalars, state.global_step)
+            log.info(_summary(task, record, tcfg.epochs))
     if final is None:
         log.info("Nothing left to train: the checkpoint had already finished %d epochs.", tcfg.epochs)
         return None
     results = {
         "best": dict(state.best),
-        "final": {k: final[k] for k in ("top1", "top5", "epoch")},
-        "num_val_samples": final["num_val_samples"],
-        "bad_files": final["bad_files"],
+        "final": {k: final[k] for k in (*task.result_keys, "epoch")},
+        "num_val_samples": final["num_samples"],
+        "bad_files": bad_train + bad_val,
+        "bad_files_train": bad_train,
+        "bad_files_val": bad_val,
     }
     recorder.write_results(results)
+    metric = task.best_metric
     log.info(
-        "Best val top-1 %.2f%% (epoch %d); final %.2f%%. Results: %s",
-        *(state.best["top1"], state.best["epoch"], final["top1"], run_dir / "results.json"),
+        "Best val %s %.2f (epoch %d); final %.2f. Results: %s",
+        *(metric, state.best[metric], state.best["epoch"], final[metric], run_dir / "results.json"),
     )
     return results
 
 
-def _summary(record: dict[str, Any], epochs: int) -> str:
-    """One line per epoch: loss, accuracy (and EMA), LR, throughput, time."""
-    line = f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}"
-    if "val_top1" in record:
-        line += f"  val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%"
-        line += f"  ({record['val_samples']} samples)"
-    if "ema_top1" in record:
-        line += f"  ema top-1 {record['ema_top1']:.2f}%"
+def _report_stop(reason: str, state: TrainState, run_dir: Path) -> None:
+    """One line: why the run stopped, where its checkpoint is, and the command that continues it. A stop
+    by signal then ends the process with `stop_exit_code` (the run has not finished)."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # called without Hydra (tests, notebooks)
+        overrides = []
+    log.info(
+        "Stopped by %s after global step %d (epoch %d); wrote %s. Continue with: %s",
+        *(reason, state.global_step, state.epoch + 1, run_dir / "checkpoints" / "last.pt"),
+        resume_command(run_dir, overrides),
+    )
+    if reason in STOP_SIGNAL_NAMES:
+        raise SystemExit(stop_exit_code(reason))
+
+
+def _summary(task: Task, record: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: loss, the task's validation metrics, bad files, LR, throughput, time."""
+    line = f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}" + task.summary(record)
+    if record.get("bad_files_train") or record.get("bad_files_val"):
+        line += f"  bad files: {record['bad_files_train']} train, {record['bad_files_val']} val"
     line += f"  lr {record['lr']:.4g}  {record['images_per_s']:.0f} img/s  {record['epoch_time_s']:.1f} s"
     return line

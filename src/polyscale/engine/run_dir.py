@@ -9,6 +9,7 @@ one set of files however many ranks it has. Layout::
     RUN_DIR/metrics.jsonl      one JSON line per epoch
     RUN_DIR/checkpoints/       last.pt, best.pt
     RUN_DIR/results.json       best and final top-1/top-5 with their epochs
+    RUN_DIR/.lock              held by the process training in the directory (engine/run_lock.py)
 """
 
 from __future__ import annotations

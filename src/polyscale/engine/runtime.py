@@ -1,4 +1,5 @@
-"""Per-process set-up shared by training and evaluation: seeding, deterministic mode, precision, batches."""
+"""Per-process set-up shared by training and evaluation (`start_process`): the process group, the device,
+deterministic mode, the CPU allocator, precision; seeding and batch arithmetic."""
 
 from __future__ import annotations
 
@@ -7,22 +8,30 @@ import ctypes
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
+from polyscale.engine.distributed import DistInfo, all_reduce_sum, init_distributed, resolve_device
+from polyscale.engine.progress import progress
 from polyscale.errors import ConfigError
 
 __all__ = [
+    "Runtime",
     "autocast_factory",
+    "capture_rng_state",
     "configure_determinism",
     "make_grad_scaler",
     "micro_batch_size",
+    "restore_rng_state",
     "seed_everything",
+    "start_process",
 ]
 
+T = TypeVar("T")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -31,6 +40,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch / CUDA / numpy / python RNG states as weights_only-loadable data."""
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
 def configure_determinism(deterministic: bool, device: torch.device) -> None:
@@ -102,7 +146,55 @@ def micro_batch_size(global_batch: int, world_size: int, accum_steps: int) -> in
     return global_batch // parts
 
 
-def per_rank_val_batch(cfg_data: DictConfig, world_size: int) -> int:
+def per_rank_val_batch(batch_size: int, val_batch_size: int | None, world_size: int) -> int:
     """Validation batch per rank from the global data.val_batch_size (null: data.batch_size)."""
-    global_batch = cfg_data.val_batch_size or cfg_data.batch_size
-    return max(1, global_batch // world_size)
+    return max(1, (val_batch_size or batch_size) // world_size)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place and settings, shared by training and evaluation of every task."""
+
+    info: DistInfo
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+    show_progress: bool  # progress bars (rank 0 only)
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of `precision` (a null context for fp32)."""
+        return autocast_factory(self.precision, self.device)()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over all ranks, in place (nothing to do for one process)."""
+        return all_reduce_sum(tensor)
+
+    def progress(
+        self, iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it"
+    ) -> Iterable[T]:
+        """A progress bar on rank 0 when bars are on; the iterable itself otherwise."""
+        return progress(iterable, desc=desc, total=total, enabled=self.show_progress, unit=unit)
+
+
+def start_process(trainer: Any, seed: int) -> Runtime:
+    """Join torchrun's process group, pick and set the device, tune the CPU allocator, set deterministic
+    mode and seed the global RNGs, from the `trainer` config section: what training and evaluation do
+    first."""
+    info = init_distributed()
+    dev = resolve_device(trainer.device, info)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        tune_cpu_allocator()
+    configure_determinism(trainer.deterministic, dev)
+    _precision_dtype(trainer.precision)  # an unknown precision fails here, before any data is read
+    seed_everything(seed)
+    return Runtime(info, dev, trainer.precision, trainer.channels_last, trainer.progress and info.is_main)

@@ -1,9 +1,9 @@
-"""Load weights into a model from our checkpoints, bare state dicts and the original authors' files.
+"""Load weights into a model from state dicts and the original authors' files.
 
 Recognised sources (a path or an already loaded mapping):
-- our training checkpoints `{"format": "polyscale", "version": 1, "model": ..., "ema": ..., "config": ...}`;
-- `{"state_dict": ...}` / `{"model": ...}` wrappers and bare state dicts, with or without the `module.`
-  (DataParallel / DDP) or `_orig_mod.` (torch.compile) prefix;
+- bare state dicts and `{"state_dict": ...}` / `{"model": ...}` wrappers (torchvision's references and
+  our training checkpoints hold the weights under "model"; the engine owns the rest of our container),
+  with or without the `module.` (DataParallel / DDP) or `_orig_mod.` (torch.compile) prefix;
 - the PyConv authors' released files (`conv2.conv2_{i}` keys) and the PSConv authors' backbones
   (`conv2.{gwconv,gwconv_shift,conv}` keys), converted by `polyscale.models.convert`.
 A mismatch raises CheckpointError naming the missing / unexpected / wrong-shape keys and the fix.
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from polyscale.errors import CheckpointError
+from polyscale.errors import CheckpointError, one_line
 from polyscale.models.convert import UnrepresentableWeights, convert_psconv_original, rename_pyconv_original
 from polyscale.models.describe import describe_model, describe_state_dict
 
@@ -36,21 +36,25 @@ class LoadReport:
     """What `load_model_weights` did; `summary()` is one human-readable line."""
 
     source: str
-    format: str  # polyscale | state_dict | pyconv_original | psconv_original
+    format: str  # state_dict | pyconv_original | psconv_original
     loaded: int = 0  # tensors copied into the model (a converted PSConv kernel counts once)
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     converted_layers: list[str] = field(default_factory=list)
     unrepresentable: list[UnrepresentableWeights] = field(default_factory=list)
+    # file tensors of modules the model does not hold, left out on purpose (a backbone drops fc)
+    dropped_keys: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        """Every model tensor came from the file and every file tensor was used."""
+        """Every model tensor came from the file and every file tensor not dropped on purpose was used."""
         return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
 
     def summary(self) -> str:
         parts = [f"loaded {self.loaded} tensors from {self.source} ({self.format})"]
+        if self.dropped_keys:
+            parts.append(f"dropped {len(self.dropped_keys)} outside the backbone ({_few(self.dropped_keys)})")
         if self.converted_layers:
             parts.append(f"converted {len(self.converted_layers)} original PSConv layers")
         for what, keys in (("missing", self.missing_keys), ("unexpected", self.unexpected_keys)):
@@ -85,52 +89,49 @@ def _read(source: str | Path) -> Any:
         raise CheckpointError(
             f"{path} holds Python objects beyond tensors and plain containers, so it is not loaded "
             "(unsafe unpickling). If you trust it, load it with torch.load(path, weights_only=False) and "
-            f"pass the resulting state dict instead. ({str(err).splitlines()[0]})"
+            f"pass the resulting state dict instead. ({one_line(err)})"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"Cannot read {path} as a PyTorch checkpoint: {err}") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"Cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: {one_line(err)}): the file "
+            "is empty, truncated or not a PyTorch file. Use another copy or re-save it with torch.save."
+        ) from err
 
 
 class CheckpointWeights(NamedTuple):
     state_dict: dict[str, Tensor]  # without wrapper prefixes
-    format: str  # polyscale | state_dict | pyconv_original | psconv_original
-    source: str  # path, or "<mapping>"
-    trained_as: str | None  # "model=NAME model/conv=TYPE" from a polyscale checkpoint's config
+    format: str  # state_dict | pyconv_original | psconv_original
+    source: str  # the path, or the name the caller gave a mapping
 
 
-def read_state_dict(source: str | Path | Mapping[str, Any], use_ema: bool = False) -> CheckpointWeights:
-    """The state dict in a checkpoint file or mapping, its format and (ours) what it was trained as."""
-    name = str(source) if isinstance(source, str | Path) else "<mapping>"
+def read_state_dict(source: str | Path | Mapping[str, Any], *, name: str | None = None) -> CheckpointWeights:
+    """The state dict in a checkpoint file or mapping and its format; `name` labels a mapping in messages."""
+    name = name or (str(source) if isinstance(source, str | Path) else "the given state dict")
     raw = _read(source) if isinstance(source, str | Path) else source
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{name} holds a {type(raw).__name__}, not a state dict or checkpoint dict.")
-    fmt, trained_as = "state_dict", None
-    if raw.get("format") == "polyscale":
-        fmt, key = "polyscale", "ema" if use_ema else "model"
-        if raw.get(key) is None:
-            raise CheckpointError(
-                f"{name} has no {key!r} weights (EMA was off in that run); load use_ema=False."
-            )
-        m = (raw.get("config") or {}).get("model") or {}
-        if m.get("name"):
-            conv = (m.get("conv") or {}).get("name")
-            trained_as = f"model={m['name']}" + (f" model/conv={conv}" if conv else "")
-        raw = raw[key]
-    elif isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    elif isinstance(raw.get("model"), Mapping):
-        raw = raw["model"]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(raw.get(wrapper), Mapping):
+            raw = raw[wrapper]
+            break
     sd = {k: v for k, v in raw.items() if isinstance(v, Tensor)}
     if not sd:
         raise CheckpointError(f"{name} contains no tensors; expected a state dict or a polyscale checkpoint.")
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    fmt = "state_dict"
     if any(k.endswith("conv2.gwconv.weight") for k in sd):
         fmt = "psconv_original"
     elif any(".conv2.conv2_" in k for k in sd):
         fmt = "pyconv_original"
-    return CheckpointWeights(sd, fmt, name, trained_as)
+    return CheckpointWeights(sd, fmt, name)
+
+
+_DEFAULT_FIX = (
+    "Fix: build the network the checkpoint was made for (`name`, `conv`, `num_classes`), or load only the "
+    "matching tensors with strict=False (e.g. fine-tuning a new classifier)."
+)
 
 
 def load_model_weights(
@@ -139,8 +140,10 @@ def load_model_weights(
     *,
     strict: bool = True,
     new_classifier_ok: bool = False,
-    use_ema: bool = False,
     psconv_dilation: int = 2,
+    name: str | None = None,
+    trained_as: str | None = None,
+    fix: str = _DEFAULT_FIX,
 ) -> LoadReport:
     """Copy the weights of `source` into `model` and report what happened.
 
@@ -151,10 +154,12 @@ def load_model_weights(
         new_classifier_ok: strict about everything except the classifier (`fc.*`): a classifier the file
             lacks or that has another class count keeps its initialisation, with a warning (timm's
             pretrained loading with a new `num_classes`; what `create_model(checkpoint_path=...)` does).
-        use_ema: take the EMA weights of a polyscale checkpoint.
         psconv_dilation: base dilation d of original PSConv files (2 in the released backbones).
+        name: how messages name a mapping source (its file, say); a path names itself.
+        trained_as: what the source was trained as (e.g. "model=resnet50"), for mismatch messages.
+        fix: the last sentence of a mismatch message: how to fix it, in the caller's terms.
     """
-    sd, fmt, name, trained_as = read_state_dict(source, use_ema=use_ema)
+    sd, fmt, name = read_state_dict(source, name=name)
     as_read = sd  # before renaming / conversion: what error messages describe
     report = LoadReport(source=name, format=fmt)
     model_sd = model.state_dict()
@@ -188,7 +193,7 @@ def load_model_weights(
             stacklevel=2,
         )
     if strict and problems:
-        raise CheckpointError(_mismatch_message(model, as_read, report, trained_as))
+        raise CheckpointError(_mismatch_message(model, as_read, report, trained_as, fix))
     bad = {k for k, _, _ in report.mismatched_keys}
     fitting = {k: v for k, v in sd.items() if k in model_sd and k not in bad}
     model.load_state_dict(fitting, strict=False)
@@ -207,7 +212,7 @@ def load_model_weights(
 
 
 def _mismatch_message(
-    model: nn.Module, sd: Mapping[str, Tensor], report: LoadReport, trained_as: str | None
+    model: nn.Module, sd: Mapping[str, Tensor], report: LoadReport, trained_as: str | None, fix: str
 ) -> str:
     looks = describe_state_dict(sd)
     looks = f"{trained_as} ({looks})" if trained_as else looks
@@ -228,8 +233,5 @@ def _mismatch_message(
         more = len(report.mismatched_keys) - len(shown)
         tail = f" (+{more} more)" if more > 0 else ""
         lines.append(f"{len(report.mismatched_keys)} have the wrong shape: {'; '.join(shown)}{tail}.")
-    lines.append(
-        "Fix: build the model the checkpoint was made for (model=NAME, model/conv=..., model.num_classes=N), "
-        "or load with strict=False to take only the matching tensors (e.g. fine-tuning a new classifier)."
-    )
+    lines.append(fix)
     return " ".join(lines)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from polyscale.models.resnet import BasicBlock, Bottleneck, ConvLayer, ResNet, conv_kxk
+from polyscale.models.resnet import BasicBlock, Bottleneck, ConvLayer, ResNet
+from polyscale.ops.factory import standard_conv
 
 __all__ = ["cifar_resnet", "resnext29"]
 
@@ -26,7 +27,7 @@ def resnext29(
     cardinality: int,
     base_width: int = 64,
     *,
-    conv_layers: ConvLayer | Sequence[ConvLayer] = conv_kxk,
+    conv_layers: ConvLayer | Sequence[ConvLayer] = standard_conv,
     **kwargs,
 ) -> ResNet:
     """CIFAR ResNeXt-29 `cardinality` x `base_width`d (8x64d, 16x64d in the papers)."""
@@ -44,7 +45,9 @@ def resnext29(
     )
 
 
-def cifar_resnet(depth: int, *, conv_layers: ConvLayer | Sequence[ConvLayer] = conv_kxk, **kwargs) -> ResNet:
+def cifar_resnet(
+    depth: int, *, conv_layers: ConvLayer | Sequence[ConvLayer] = standard_conv, **kwargs
+) -> ResNet:
     """CIFAR ResNet-`depth` with basic blocks, depth = 6n + 2 (20, 32, 44, 56, 110, ...)."""
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 (e.g. 20, 56), got {depth}")

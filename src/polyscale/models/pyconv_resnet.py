@@ -4,12 +4,12 @@ Networks for Visual Recognition", arXiv:2006.11538).
 Both are the `ResNet` trunk of `resnet.py` with three changes: the stem has no max-pool, every stage
 (layer1 too) downsamples by 2 in its first block's spatial conv, and that block's shortcut is
 MaxPool(3, 2, 1) -> 1x1 conv -> BN (state-dict keys `downsample.1` / `downsample.2`, as in the
-authors' released files). The spatial conv is a pyramid of kernels per stage:
-[3,5,7,9] / [3,5,7] / [3,5] / [3].
+authors' released files). The spatial conv is a pyramid per stage: kernels `PYCONV_KERNELS` with the
+level groups below (all three per-stage tuples live in polyscale.ops.pyconv).
 
-- PyConvResNet: inner widths 64/128/256/512 (expansion 4), level groups [1,4,8,16] / [1,4,8] / [1,4] / [1].
+- PyConvResNet: inner widths 64/128/256/512 (expansion 4), level groups `PYCONV_GROUPS`.
 - PyConvHGResNet ("high grouping"): inner widths 128/256/512/1024 and the same output widths as ResNet
-  (expansion 2), level groups [32,32,32,32] / [32,64,64] / [32,64] / [32]. In the shared Bottleneck this is
+  (expansion 2), level groups `PYCONV_HG_GROUPS`. In the shared Bottleneck this is
   `cardinality=32, base_width=4` (inner width int(64 * 4 / 64) * 32 = 128); the cardinality only matters
   when the spatial conv is swapped for a non-pyramid one (then a 32-group conv, as in the single-level
   last stage).
@@ -21,12 +21,9 @@ from collections.abc import Sequence
 
 from polyscale.models.resnet import BOTTLENECK_DEPTHS, Bottleneck, ConvLayer, ResNet
 from polyscale.ops import stage_conv_layers
+from polyscale.ops.pyconv import PYCONV_GROUPS, PYCONV_HG_GROUPS, PYCONV_KERNELS
 
-__all__ = ["PYCONV_GROUPS", "PYCONV_HG_GROUPS", "PYCONV_KERNELS", "pyconv_resnet"]
-
-PYCONV_KERNELS: list[list[int]] = [[3, 5, 7, 9], [3, 5, 7], [3, 5], [3]]
-PYCONV_GROUPS: list[list[int]] = [[1, 4, 8, 16], [1, 4, 8], [1, 4], [1]]
-PYCONV_HG_GROUPS: list[list[int]] = [[32, 32, 32, 32], [32, 64, 64], [32, 64], [32]]
+__all__ = ["pyconv_resnet"]
 
 
 def pyconv_resnet(
@@ -45,7 +42,7 @@ def pyconv_resnet(
         raise ValueError(f"depth must be one of {sorted(BOTTLENECK_DEPTHS)}, got {depth}")
     if conv_layers is None:
         groups = PYCONV_HG_GROUPS if hg else PYCONV_GROUPS
-        conv_layers = stage_conv_layers("pyconv", 4, kernel_sizes=PYCONV_KERNELS, groups=groups)
+        conv_layers = stage_conv_layers("pyconv", 4, kernel_sizes=PYCONV_KERNELS, pyramid_groups=groups)
     return ResNet(
         Bottleneck,
         BOTTLENECK_DEPTHS[depth],

@@ -1,10 +1,10 @@
-"""Registry of model names: `create_model`, `list_models`, `build_model_from_config`.
+"""Registry of model names: `create_model`, `list_models`, `get_model_spec`.
 
 Each name is a trunk plus its natural spatial conv (`ps_` names: PSConv, `pyconv` names: PyConv, others:
 standard). The `conv` argument always wins over that default, so `create_model("resnet50",
 conv="psconv")` and `create_model("ps_resnet50")` are the same network, and `ps_resnet50` with
-`conv={"name": "standard"}` is `resnet50`. Model code never sees a config: this module turns names and
-plain options into constructor calls.
+`conv={"name": "standard"}` is `resnet50`. Model code never sees a config: the engine turns the config
+into these plain arguments.
 """
 
 from __future__ import annotations
@@ -13,22 +13,23 @@ import dataclasses
 import difflib
 import fnmatch
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch import nn
 
 from polyscale.errors import ConfigError
 from polyscale.models.checkpoint_io import load_model_weights
 from polyscale.models.cifar import cifar_resnet, resnext29
-from polyscale.models.pyconv_resnet import PYCONV_HG_GROUPS, pyconv_resnet
+from polyscale.models.features import feature_extractor, load_backbone_weights
+from polyscale.models.pyconv_resnet import pyconv_resnet
 from polyscale.models.resnet import imagenet_resnet
 from polyscale.ops import stage_conv_layers
+from polyscale.ops.pyconv import PYCONV_HG_GROUPS
 
-__all__ = ["ModelSpec", "build_model_from_config", "create_model", "get_model_spec", "list_models"]
+__all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "resolve_conv"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _register_builtin() -> None:
     for name, (builder, stages, dataset, title) in trunks.items():
         _REGISTRY[name] = ModelSpec(name, builder, "standard", stages, dataset, title)
         _REGISTRY["ps_" + name] = ModelSpec("ps_" + name, builder, "psconv", stages, dataset, "PS-" + title)
-    hg_defaults = {"pyconv": {"groups": PYCONV_HG_GROUPS}}
+    hg_defaults = {"pyconv": {"pyramid_groups": PYCONV_HG_GROUPS}}
     for d in (50, 101, 152):
         for hg, title in ((False, "PyConvResNet"), (True, "PyConvHGResNet")):
             name = f"pyconv{'hg' if hg else ''}resnet{d}"
@@ -101,7 +102,7 @@ def get_model_spec(name: str) -> ModelSpec:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"Unknown model {name!r}.{hint} Set model=NAME to one of: {', '.join(list_models())} "
+            f"Unknown model {name!r}.{hint} Set `name` to one of: {', '.join(list_models())} "
             "(polyscale.list_models())."
         )
     return _REGISTRY[name]
@@ -113,15 +114,13 @@ def resolve_conv(spec: ModelSpec, conv: str | Mapping[str, Any] | None) -> tuple
     Options that the chosen type does not read are dropped by `stage_conv_layers`, which also rejects
     unknown types and misspelt options with a ConfigError.
     """
-    if OmegaConf.is_config(conv):
-        conv = OmegaConf.to_container(conv, resolve=True)
     if conv is None or isinstance(conv, str):
         name, opts = conv or spec.conv, {}
     elif isinstance(conv, Mapping):
         opts = {k: v for k, v in conv.items() if k != "name"}
         name = conv.get("name") or spec.conv
     else:
-        raise ConfigError(f"model.conv must be a conv name or a mapping, got {type(conv).__name__}")
+        raise ConfigError(f"`conv` must be a conv type name or a mapping, got {type(conv).__name__}")
     for key, value in spec.conv_defaults.get(name, {}).items():
         if opts.get(key) is None:
             opts[key] = value
@@ -136,34 +135,50 @@ def create_model(
     drop_rate: float = 0.0,
     zero_init_last: bool = False,
     checkpoint_path: str | Path | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    feature_cls: str | type[nn.Module] = "list",
     **kwargs: Any,
 ) -> nn.Module:
-    """Build the registered network `name`.
+    """Build the registered network `name`, or with `features_only=True` its backbone.
 
     Args:
         num_classes: classifier outputs (0: no classifier, `forward` returns pooled features).
         conv: None (the name's natural conv), a conv name ("standard" | "psconv" | "pyconv") or a mapping
             like `model.conv` in the config ({"name": "psconv", "dilation_pattern": [1, 2, 1, 4],
-            "axes": "both", "kernel_sizes": None, "groups": None}); None values mean defaults and
+            "axes": "both", "kernel_sizes": None, "pyramid_groups": None}); None values mean defaults and
             options the chosen type does not read are ignored.
         drop_rate: dropout before the classifier.
         zero_init_last: zero-init the last BN of every residual branch.
         checkpoint_path: weights to load (ours, a bare state dict, or the PyConv / PSConv authors' files;
             see `polyscale.models.load_model_weights`), strictly except for the classifier: with another
             `num_classes` (fine-tuning) or a backbone file without fc, fc keeps its init (with a warning).
+        features_only: return timm's feature extractor over the trunk instead (no pool / classifier;
+            `num_classes` and `drop_rate` are then unused): forward gives a list of maps, `.feature_info`
+            their channels / reductions / module names. `checkpoint_path` then loads the trunk strictly and
+            drops the file's classifier (see `polyscale.models.features`).
+        out_indices: which maps (0 = stem, k = layer k; None = all; an int n = the last n).
+        feature_cls: timm's wrapper, "list" | "dict" | "hook" or a class.
         kwargs: `in_chans` (input channels, default 3) and `norm_layer` (default nn.BatchNorm2d).
+
+    The LoadReport of `checkpoint_path` is logged and kept as the model's `load_report` attribute.
     """
     spec = get_model_spec(name)
     unknown = sorted(set(kwargs) - _BUILDER_OPTIONS)
     if unknown:
         accepted = ", ".join(sorted(_BUILDER_OPTIONS))
         raise ConfigError(f"create_model({name!r}) got unknown argument(s) {unknown}; accepted: {accepted}.")
+    if not features_only and (out_indices is not None or feature_cls != "list"):
+        raise ConfigError(
+            f"create_model({name!r}): `out_indices` and `feature_cls` choose feature maps; they need "
+            "`features_only`=True."
+        )
     conv_name, conv_opts = resolve_conv(spec, conv)
     try:
         conv_layers = stage_conv_layers(conv_name, spec.num_stages, **conv_opts)
         model = spec.builder(
             conv_layers=conv_layers,
-            num_classes=num_classes,
+            num_classes=0 if features_only else num_classes,  # a backbone needs no classifier
             drop_rate=drop_rate,
             zero_init_last=zero_init_last,
             **kwargs,
@@ -171,38 +186,25 @@ def create_model(
     except ConfigError:
         raise
     except ValueError as err:
-        raise ConfigError(f"Cannot build model {name!r} with conv {conv_name} {conv_opts}: {err}") from err
+        raise ConfigError(
+            f"Cannot build model {name!r} with `conv` {conv_name} {conv_opts}: {err}. Change the conv "
+            "options or pick another conv type."
+        ) from err
+    if features_only:
+        model = feature_extractor(model, out_indices=out_indices, feature_cls=feature_cls)
     model.polyscale_name, model.polyscale_conv = name, conv_name  # for checkpoint error messages
     if checkpoint_path is not None:
-        report = load_model_weights(model, checkpoint_path, new_classifier_ok=True)
-        log.info("%s: %s", name, report.summary())
-    return model
-
-
-def build_model_from_config(cfg: Any, num_classes: int | None = None) -> nn.Module:
-    """Build from a `model` config node (ModelConfig / DictConfig / mapping) at the edge of the program.
-
-    `num_classes` (the data set's class count) is used when `cfg.num_classes` is null.
-    """
-    if OmegaConf.is_config(cfg):
-        c = OmegaConf.to_container(cfg, resolve=True)
-    elif dataclasses.is_dataclass(cfg):
-        c = dataclasses.asdict(cfg)
-    else:
-        c = dict(cfg)
-    n = c.get("num_classes") if c.get("num_classes") is not None else num_classes
-    if n is None:
-        raise ConfigError(
-            "model.num_classes is null and no data set class count was given; set model.num_classes."
+        fix = (
+            "Fix: build the network the checkpoint was made for (`name`, `conv`, `num_classes`), or point "
+            "`checkpoint_path` at a file of this network."
         )
-    return create_model(
-        c["name"],
-        num_classes=n,
-        conv=c.get("conv"),
-        drop_rate=c.get("drop_rate", 0.0),
-        zero_init_last=c.get("zero_init_last", False),
-        checkpoint_path=c.get("checkpoint_path"),
-    )
+        if features_only:
+            report = load_backbone_weights(model, checkpoint_path, fix=fix.replace(", `num_classes`", ""))
+        else:
+            report = load_model_weights(model, checkpoint_path, new_classifier_ok=True, fix=fix)
+        log.info("%s: %s", name, report.summary())
+        model.load_report = report
+    return model
 
 
 _register_builtin()

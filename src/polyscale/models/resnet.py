@@ -28,7 +28,6 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "imagenet_resnet",
-    "conv_kxk",
     "init_weights",
 ]
 
@@ -38,10 +37,6 @@ BOTTLENECK_DEPTHS: dict[int, tuple[int, ...]] = {50: (3, 4, 6, 3), 101: (3, 4, 2
 ConvLayer = Callable[..., nn.Module]
 NormLayer = Callable[[int], nn.Module]
 AttnLayer = Callable[[int], nn.Module]
-
-
-# The standard spatial conv with "same" padding: the default `conv_layer` (one definition, in ops).
-conv_kxk = standard_conv
 
 
 class BasicBlock(nn.Module):
@@ -58,7 +53,7 @@ class BasicBlock(nn.Module):
         *,
         cardinality: int = 1,
         base_width: int = 64,
-        conv_layer: ConvLayer = conv_kxk,
+        conv_layer: ConvLayer = standard_conv,
         norm_layer: NormLayer = nn.BatchNorm2d,
         attn_layer: AttnLayer | None = None,
     ) -> None:
@@ -102,7 +97,7 @@ class Bottleneck(nn.Module):
         *,
         cardinality: int = 1,
         base_width: int = 64,
-        conv_layer: ConvLayer = conv_kxk,
+        conv_layer: ConvLayer = standard_conv,
         norm_layer: NormLayer = nn.BatchNorm2d,
         attn_layer: AttnLayer | None = None,
     ) -> None:
@@ -161,6 +156,11 @@ class ResNet(nn.Module):
         attn_layer: channel attention after the last BN of each residual branch (e.g. timm's SE).
         drop_rate: dropout before the classifier.
         zero_init_last: zero-init the last BN of every residual branch.
+
+    `feature_info` lists the feature maps a detection backbone can take (timm's convention, see
+    `polyscale.models.features`). The children are registered in the order `forward` runs them and none
+    is called twice (the stem's `relu` is its own), which timm's feature wrappers rely on when they
+    rebuild the trunk from the children.
     """
 
     def __init__(
@@ -174,7 +174,7 @@ class ResNet(nn.Module):
         strides: Sequence[int] = (1, 2, 2, 2),
         cardinality: int = 1,
         base_width: int = 64,
-        conv_layers: ConvLayer | Sequence[ConvLayer] = conv_kxk,
+        conv_layers: ConvLayer | Sequence[ConvLayer] = standard_conv,
         norm_layer: NormLayer = nn.BatchNorm2d,
         attn_layer: AttnLayer | None = None,
         stem: str = "imagenet",
@@ -206,6 +206,12 @@ class ResNet(nn.Module):
         self.bn1 = norm_layer(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        # timm's feature_info: one entry per feature map (index 0 = stem after its ReLU, before the
+        # max-pool, as in timm's ResNet; then one per stage), read by timm's FeatureListNet & co.
+        # Reductions are products of the strides built here, so any stem / stride layout stays right.
+        reduction = self.conv1.stride[0]
+        self.feature_info = [dict(num_chs=stem_width, reduction=reduction, module="relu")]
+        reduction *= self.maxpool.stride if isinstance(self.maxpool, nn.MaxPool2d) else 1
 
         in_channels = stem_width
         for i, (depth, plane, stride, conv) in enumerate(zip(layers, planes, strides, conv_layers)):
@@ -231,6 +237,8 @@ class ResNet(nn.Module):
                 )
                 in_channels = out_channels
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=out_channels, reduction=reduction, module=f"layer{i + 1}"))
         self.num_stages = len(layers)
         self.num_features = in_channels
         self.global_pool = nn.AdaptiveAvgPool2d(1)
@@ -296,7 +304,7 @@ def imagenet_resnet(
     cardinality: int = 1,
     base_width: int = 64,
     se: bool = False,
-    conv_layers: ConvLayer | Sequence[ConvLayer] = conv_kxk,
+    conv_layers: ConvLayer | Sequence[ConvLayer] = standard_conv,
     **kwargs,
 ) -> ResNet:
     """ImageNet ResNet-{50,101,152}, ResNeXt (`cardinality` x `base_width`d) and SE-ResNet.

@@ -1,6 +1,7 @@
 """timm entry points for the names timm does not define itself (PS, PyConv, CIFAR nets).
 
-After `import polyscale`, `timm.create_model("ps_resnet50", num_classes=100)` builds our network.
+After `import polyscale`, `timm.create_model("ps_resnet50", num_classes=100)` builds our network, and
+`timm.create_model("ps_resnet50", features_only=True, out_indices=(1, 2, 3, 4))` its backbone.
 timm's own names (resnet50, seresnet50, resnext50_32x4d, ...) are left untouched: for those, use
 `polyscale.create_model`. timm registers an entry point under the function's `__name__` and lists it
 under this module, so the functions are created here and set as module attributes.
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from timm.models import is_model, register_model
+from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from polyscale.errors import ConfigError
@@ -36,8 +38,12 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
                 "(ours or the authors' released file) to polyscale.create_model."
             )
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        # features_only / out_indices / feature_cls (timm hands them to every entry point) go to create_model
         model = create_model(name, **kwargs)
-        model.pretrained_cfg = model.default_cfg = dict(getattr(cfg, "__dict__", None) or default_cfgs[name])
+        model_cfg = dict(getattr(cfg, "__dict__", None) or default_cfgs[name])
+        if kwargs.get("features_only"):
+            model_cfg = pretrained_cfg_for_features(model_cfg)  # what timm's own backbones carry
+        model.pretrained_cfg = model.default_cfg = model_cfg
         return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name

@@ -1,4 +1,4 @@
-"""`out += y` with y's channel blocks permuted, in one pass each way (used by PSConv's plans).
+"""`out += y` with y's channel blocks permuted, in one pass each way (how PSConv's terms land).
 
 Autograd's own choices are slow here: index_add_ over single channels of an NHWC tensor makes one
 strided pass per channel, and the gather in its backward is slower still. Moving whole blocks (one

@@ -2,8 +2,9 @@
 
 Blocks build their spatial convolution as `conv_layer(in_channels, out_channels, kernel_size=3,
 stride=1, padding=None, groups=1, bias=False)` (nn.Conv2d's convention), so one block serves every
-operator. The callables are `functools.partial`s of module-level functions: picklable (DDP spawn,
-Hydra) and printable.
+operator. The callables are `functools.partial`s of module-level functions: picklable (DDP spawn)
+and printable. Plain keyword arguments in, ValueError naming the bad one out: the caller decides how
+an option was spelled by its user.
 """
 
 from __future__ import annotations
@@ -14,21 +15,17 @@ from typing import Any
 
 from torch import nn
 
-from polyscale.errors import ConfigError
 from polyscale.ops.psconv import PSConv2d
-from polyscale.ops.pyconv import PyConv2d
+from polyscale.ops.pyconv import PYCONV_GROUPS, PYCONV_KERNELS, PyConv2d
 
 CONV_TYPES = ("standard", "psconv", "pyconv")
-# Options of each type. All of them may be passed to any type (a whole ConvConfig can be splatted);
-# those of other types are ignored, as are None values ("use the default").
+# Options of each type. Any of them may be passed to any type, so that one set of options can serve
+# whichever type is named; those of other types are ignored, as are None values ("use the default").
 OPTIONS = {
     "standard": (),
     "psconv": ("dilation_pattern", "axes", "impl"),
-    "pyconv": ("kernel_sizes", "groups"),
+    "pyconv": ("kernel_sizes", "pyramid_groups"),
 }
-# PyConvResNet's pyramid per stage (PyConv paper / NOTES.md): levels shrink with the feature map.
-PYCONV_STAGE_KERNELS = ((3, 5, 7, 9), (3, 5, 7), (3, 5), (3,))
-PYCONV_STAGE_GROUPS = ((1, 4, 8, 16), (1, 4, 8), (1, 4), (1,))
 
 ConvLayer = Callable[..., nn.Module]
 
@@ -70,8 +67,8 @@ def pyconv(
     groups: int = 1,
     bias: bool = False,
     *,
-    kernel_sizes: Sequence[int] = (3, 5, 7, 9),
-    pyramid_groups: Sequence[int] = (1, 4, 8, 16),
+    kernel_sizes: Sequence[int] = PYCONV_KERNELS[0],
+    pyramid_groups: Sequence[int] = PYCONV_GROUPS[0],
 ) -> PyConv2d:
     """PyConv2d; the block's kernel_size / padding / groups are ignored (the pyramid defines them)."""
     if bias:
@@ -82,29 +79,27 @@ def pyconv(
 def _options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Validate the name and keep the non-None options that belong to it."""
     if name not in CONV_TYPES:
-        raise ConfigError(f"unknown conv type {name!r}; choose one of {CONV_TYPES} (model/conv=NAME)")
+        raise ValueError(f"unknown conv type {name!r}; choose one of {CONV_TYPES}")
     known = {key for keys in OPTIONS.values() for key in keys}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ConfigError(f"unknown conv option(s) {unknown} for {name!r}; known options: {sorted(known)}")
+        raise ValueError(f"unknown conv option(s) {unknown} for {name!r}; known options: {sorted(known)}")
     return {k: v for k, v in kwargs.items() if k in OPTIONS[name] and v is not None}
 
 
-def make_conv_layer(name: str, **kwargs: Any) -> ConvLayer:
+def make_conv_layer(name: str, **options: Any) -> ConvLayer:
     """The conv_layer callable for one conv type: "standard", "psconv" or "pyconv".
 
-    psconv takes dilation_pattern, axes and impl; pyconv takes kernel_sizes and groups (one level
-    list, the pyramid of every layer built with this callable).
+    psconv takes dilation_pattern, axes and impl; pyconv takes kernel_sizes and pyramid_groups (one
+    list each: the pyramid of every layer built with this callable).
     """
-    options = _options(name, kwargs)
+    options = _options(name, options)
     if name == "standard":
         return standard_conv
     if name == "psconv":
         if "dilation_pattern" in options:
             options["dilation_pattern"] = tuple(options["dilation_pattern"])
         return partial(psconv, **options)
-    if "groups" in options:
-        options["pyramid_groups"] = options.pop("groups")
     return partial(pyconv, **{k: tuple(v) for k, v in options.items()})
 
 
@@ -112,7 +107,7 @@ def _per_stage(name: str, value: Any, default: tuple[tuple[int, ...], ...], num_
     """One level list per stage from None (default), one flat list (every stage) or a list of lists."""
     if value is None:
         if num_stages > len(default):
-            raise ConfigError(
+            raise ValueError(
                 f"pyconv has defaults for at most {len(default)} stages, got num_stages={num_stages}; "
                 f"pass {name} as one list per stage"
             )
@@ -120,31 +115,31 @@ def _per_stage(name: str, value: Any, default: tuple[tuple[int, ...], ...], num_
     if isinstance(value, Sequence) and value and all(isinstance(v, int) for v in value):
         return [tuple(value)] * num_stages
     if not isinstance(value, Sequence) or len(value) != num_stages:
-        raise ConfigError(
-            f"{name} must be null, one list of ints, or one list per stage ({num_stages} lists), "
+        raise ValueError(
+            f"{name} must be None, one list of ints, or one list per stage ({num_stages} lists), "
             f"got {value!r}"
         )
     return [tuple(v) for v in value]
 
 
-def stage_conv_layers(name: str, num_stages: int = 4, **kwargs: Any) -> list[ConvLayer]:
+def stage_conv_layers(name: str, num_stages: int = 4, **options: Any) -> list[ConvLayer]:
     """One conv_layer per network stage (models call this).
 
-    For pyconv, kernel_sizes / groups may be one list per stage; None gives PyConvResNet's per-stage
-    pyramids (kernels [3,5,7,9] / [3,5,7] / [3,5] / [3], groups [1,4,8,16] / [1,4,8] / [1,4] / [1];
-    with fewer stages, the first ones). For standard and psconv every stage gets the same callable.
+    For pyconv, kernel_sizes / pyramid_groups may be one list per stage or one list for every stage;
+    None gives PyConvResNet's per-stage pyramids (ops.pyconv.PYCONV_KERNELS / PYCONV_GROUPS; with
+    fewer stages, the first ones). For standard and psconv every stage gets the same callable.
     """
-    options = _options(name, kwargs)
-    if num_stages < 1:
-        raise ConfigError(f"num_stages must be a positive integer, got {num_stages}")
+    options = _options(name, options)
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
     if name != "pyconv":
         return [make_conv_layer(name, **options)] * num_stages
-    kernels = _per_stage("kernel_sizes", options.get("kernel_sizes"), PYCONV_STAGE_KERNELS, num_stages)
-    groups = _per_stage("groups", options.get("groups"), PYCONV_STAGE_GROUPS, num_stages)
+    kernels = _per_stage("kernel_sizes", options.get("kernel_sizes"), PYCONV_KERNELS, num_stages)
+    groups = _per_stage("pyramid_groups", options.get("pyramid_groups"), PYCONV_GROUPS, num_stages)
     for stage, (k, g) in enumerate(zip(kernels, groups)):
         if len(k) != len(g):
-            raise ConfigError(
-                f"stage {stage}: kernel_sizes {list(k)} and groups {list(g)} differ in length; "
+            raise ValueError(
+                f"stage {stage}: kernel_sizes {list(k)} and pyramid_groups {list(g)} differ in length; "
                 "give one group count per pyramid level"
             )
-    return [make_conv_layer("pyconv", kernel_sizes=k, groups=g) for k, g in zip(kernels, groups)]
+    return [make_conv_layer("pyconv", kernel_sizes=k, pyramid_groups=g) for k, g in zip(kernels, groups)]

@@ -15,6 +15,14 @@ from torch import Tensor, nn
 
 from polyscale.ops import _checks
 
+# PyConvResNet's pyramid per stage (the authors' code): fewer levels as the feature map shrinks, and
+# more groups for larger kernels. The defaults of the factory, the model zoo and PyConv2d (stage 1)
+# all read these; configs point here instead of restating them.
+PYCONV_KERNELS = ((3, 5, 7, 9), (3, 5, 7), (3, 5), (3,))
+PYCONV_GROUPS = ((1, 4, 8, 16), (1, 4, 8), (1, 4), (1,))
+# PyConvHGResNet ("high grouping"): the same kernels, with twice the inner width and more groups
+PYCONV_HG_GROUPS = ((32, 32, 32, 32), (32, 64, 64), (32, 64), (32,))
+
 # PyConv's split of the output channels by number of levels (fractions of out_channels)
 DEFAULT_SPLITS = {1: (1,), 2: (1, 1), 3: (1, 1, 2), 4: (1, 1, 1, 1)}
 
@@ -38,15 +46,16 @@ class PyConv2d(nn.Module):
     """Pyramid of convolutions over the same input, concatenated: (N, C_in, H, W) -> (N, C_out, H', W').
 
     Level i is nn.Conv2d(in_channels, out_splits[i], kernel_sizes[i], stride, padding=k_i // 2,
-    groups=groups[i], bias=False), stored in `levels` (state-dict keys `levels.{i}.weight`).
+    groups=pyramid_groups[i], bias=False), stored in `levels` (state-dict keys `levels.{i}.weight`).
+    `pyramid_groups` holds one group count per level (not nn.Conv2d's single `groups`).
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_sizes: Sequence[int] = (3, 5, 7, 9),
-        groups: Sequence[int] = (1, 4, 8, 16),
+        kernel_sizes: Sequence[int] = PYCONV_KERNELS[0],
+        pyramid_groups: Sequence[int] = PYCONV_GROUPS[0],
         stride: int = 1,
         *,
         out_splits: Sequence[int] | None = None,
@@ -55,11 +64,11 @@ class PyConv2d(nn.Module):
         in_channels = _checks.positive_int("in_channels", in_channels)
         out_channels = _checks.positive_int("out_channels", out_channels)
         kernel_sizes = _checks.int_sequence("kernel_sizes", kernel_sizes)
-        groups = _checks.int_sequence("groups", groups)
+        pyramid_groups = _checks.int_sequence("pyramid_groups", pyramid_groups)
         stride = _checks.positive_int("stride", stride)
-        if len(groups) != len(kernel_sizes):
+        if len(pyramid_groups) != len(kernel_sizes):
             raise ValueError(
-                f"groups has {len(groups)} entries but kernel_sizes has {len(kernel_sizes)}; "
+                f"pyramid_groups has {len(pyramid_groups)} entries but kernel_sizes has {len(kernel_sizes)}; "
                 "give one group count per pyramid level"
             )
         if out_splits is None:
@@ -72,15 +81,15 @@ class PyConv2d(nn.Module):
             )
         if sum(out_splits) != out_channels:
             raise ValueError(f"out_splits {out_splits} must sum to out_channels={out_channels}")
-        for i, (k, g, split) in enumerate(zip(kernel_sizes, groups, out_splits)):
+        for i, (k, g, split) in enumerate(zip(kernel_sizes, pyramid_groups, out_splits)):
             _checks.odd_kernel(f"kernel_sizes[{i}]", k)
-            _checks.divides(f"groups[{i}]", g, in_channels=in_channels, **{f"out_splits[{i}]": split})
+            _checks.divides(f"pyramid_groups[{i}]", g, in_channels=in_channels, **{f"out_splits[{i}]": split})
 
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.kernel_sizes, self.groups, self.out_splits = kernel_sizes, groups, out_splits
+        self.kernel_sizes, self.pyramid_groups, self.out_splits = kernel_sizes, pyramid_groups, out_splits
         self.levels = nn.ModuleList(
             nn.Conv2d(in_channels, split, k, stride, padding=k // 2, groups=g, bias=False)
-            for k, g, split in zip(kernel_sizes, groups, out_splits)
+            for k, g, split in zip(kernel_sizes, pyramid_groups, out_splits)
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C_in, H, W) -> (N, C_out, H', W')
@@ -91,5 +100,5 @@ class PyConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_sizes={self.kernel_sizes}, "
-            f"groups={self.groups}, stride={self.stride}, out_splits={self.out_splits}"
+            f"pyramid_groups={self.pyramid_groups}, stride={self.stride}, out_splits={self.out_splits}"
         )

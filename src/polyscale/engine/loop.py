@@ -1,31 +1,35 @@
-"""One training epoch and exact evaluation, around a small `TrainState` (torchvision-references style).
+"""The step loop every task shares: `train_one_epoch` over a small `TrainState` (torchvision-references
+style), with gradient accumulation, AMP loss scaling, clipping, the non-finite-loss stop, EMA, step
+checkpoints and stop requests (signals, `trainer.stop_after_steps`).
 
-`fit` (engine/fit.py) builds the pieces from the config and calls these; they take plain objects, so
-the benchmark and the tests drive them directly.
+What a step computes is the task's business: `StepSettings.batch_loss(model, batch)` returns the loss of
+one micro-batch and its size (tasks/). `fit` (engine/fit.py) builds the pieces from the config and calls
+this; it takes plain objects, so the benchmark and the tests drive it directly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from polyscale.engine.distributed import all_reduce_min, all_reduce_sum, world_size
 from polyscale.engine.progress import progress
 from polyscale.engine.run_dir import RunRecorder
-from polyscale.errors import DataError, NonFiniteLossError
+from polyscale.errors import NonFiniteLossError
 
-__all__ = ["EvalResult", "StepSettings", "TrainState", "evaluate", "train_one_epoch"]
+__all__ = ["BatchLoss", "EpochStats", "StepSettings", "TrainState", "train_one_epoch"]
 
 _NO_BAD_STEP = 2**62  # sentinel: no non-finite loss seen
+
+# (model, batch) -> (loss of the micro-batch, its number of samples): the task's (tasks.base.BatchLoss)
+BatchLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
 
 
 @dataclass
@@ -42,7 +46,10 @@ class TrainState:
     epoch: int = 0  # finished epochs
     global_step: int = 0  # optimizer steps since the start
     step_in_epoch: int = 0  # optimizer steps done in epoch `epoch`
-    best: dict[str, Any] = field(default_factory=dict)  # {"top1", "top5", "epoch"} of the best validation
+    best: dict[str, Any] = field(default_factory=dict)  # the task's metrics of the best validation + epoch
+    # loss sum, samples and seconds of epoch `epoch` so far (all ranks), so that an epoch resumed from a
+    # step checkpoint reports its whole loss and speed, not just the part after the resume
+    epoch_progress: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +62,7 @@ class TrainState:
             "global_step": self.global_step,
             "step_in_epoch": self.step_in_epoch,
             "best": dict(self.best),
+            "epoch_progress": dict(self.epoch_progress),
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -68,23 +76,22 @@ class TrainState:
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.step_in_epoch = ckpt["step_in_epoch"]
         self.best = dict(ckpt.get("best") or {})
+        self.epoch_progress = dict(ckpt.get("epoch_progress") or {})
 
 
 @dataclass
 class StepSettings:
-    """How each optimizer step runs (from cfg.trainer)."""
+    """How each optimizer step of training runs (from cfg.trainer and the task)."""
 
     device: torch.device
-    loss_fn: nn.Module
+    batch_loss: BatchLoss
     steps: int  # optimizer steps per epoch
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     accum_steps: int = 1
     clip_grad_norm: float | None = None
-    channels_last: bool = False
-    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     log_every: int = 50
     checkpoint_every: int = 0  # also call on_checkpoint every N optimizer steps
     stop_after_steps: int | None = None  # stop once global_step reaches this (preemption tests)
+    stop_requested: Callable[[], str | None] | None = None  # checked after every step (signals)
     progress: bool = True
 
 
@@ -93,32 +100,28 @@ class EpochStats:
     loss: float  # mean training loss per sample over this epoch's steps (all ranks)
     samples: int  # samples seen by all ranks
     seconds: float
-    stopped: bool  # stop_after_steps was reached
+    stopped: str | None = None  # why the epoch stopped early (a signal name, "stop_after_steps"), or None
 
     @property
     def images_per_s(self) -> float:
         return self.samples / max(self.seconds, 1e-9)
 
 
-def _to_device(
-    images: torch.Tensor, targets: torch.Tensor, settings: StepSettings
-) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(settings.device, non_blocking=True)
-    if settings.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(settings.device, non_blocking=True)
-
-
 class _LossTracker:
     """Loss sums and the first non-finite step, kept on the device so that steps never wait for the host;
     read at sync points only (logging, checkpoints, epoch end)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.epoch_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of per-sample losses
+    def __init__(self, device: torch.device, resumed: dict[str, float]) -> None:
+        # a resumed epoch starts from the stored totals (on rank 0 only: sums are all-reduced)
+        first = world_size() == 1 or torch.distributed.get_rank() == 0
+        carried = resumed if first else {}
+        self.epoch_sum = torch.tensor(carried.get("loss_sum", 0.0), dtype=torch.float64, device=device)
+        self.epoch_samples = int(carried.get("samples", 0))
+        self.seconds_before = float(resumed.get("seconds", 0.0))  # the same on every rank
         self.interval_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=device)
-        self.epoch_samples = self.interval_samples = 0
-        self.interval_start = time.perf_counter()
+        self.interval_samples = 0
+        self.start = self.interval_start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, batch: int, step: int) -> None:
         loss = loss.detach()
@@ -136,10 +139,10 @@ class _LossTracker:
             raise NonFiniteLossError(
                 f"The training loss became NaN or inf at optimizer step {bad_step} "
                 f"(epoch {state.epoch + 1}); training stopped and no checkpoint was written after it. "
-                "Last good checkpoint: "
-                f"{last_good}. Lower optim.lr, add warm-up (schedule.warmup_epochs), clip gradients "
-                "(trainer.clip_grad_norm) or use trainer.precision=bf16 instead of fp16, then continue "
-                "with trainer.resume=PATH of that checkpoint."
+                f"Last good checkpoint: {last_good}. Lower optim.lr, add warm-up (schedule.warmup_epochs), "
+                "clip gradients (trainer.clip_grad_norm) or use trainer.precision=bf16 instead of fp16, "
+                "then continue from that checkpoint with trainer.resume=PATH (changed optim and schedule "
+                "settings apply from the resumed step on)."
             )
 
     def pop_interval(self) -> tuple[float, float]:
@@ -151,31 +154,28 @@ class _LossTracker:
         self.interval_samples, self.interval_start = 0, now
         return mean, rate
 
-    def epoch_mean(self) -> tuple[float, int]:
-        """(mean loss per sample, samples) over all ranks."""
+    def totals(self) -> dict[str, float]:
+        """The epoch so far over all ranks: loss sum, samples, seconds (a collective)."""
         count = torch.tensor(float(self.epoch_samples), dtype=torch.float64, device=self.epoch_sum.device)
         total, samples = all_reduce_sum(torch.stack([self.epoch_sum, count])).tolist()
-        return total / max(samples, 1), int(samples)
+        seconds = self.seconds_before + time.perf_counter() - self.start
+        return {"loss_sum": total, "samples": samples, "seconds": seconds}
 
 
 def _micro_step(
-    state: TrainState, settings: StepSettings, images: torch.Tensor, targets: torch.Tensor, sync: bool
-) -> torch.Tensor:
+    state: TrainState, settings: StepSettings, batch: Any, sync: bool
+) -> tuple[torch.Tensor, int]:
     """Forward and backward of one micro-batch; DDP all-reduces gradients only when `sync`."""
-    images, targets = _to_device(images, targets, settings)
-    if settings.mixup is not None:
-        images, targets = settings.mixup(images, targets)
     with contextlib.nullcontext() if sync or state.ddp is None else state.ddp.no_sync():
-        with settings.autocast():
-            loss = settings.loss_fn(state.train_model(images), targets)
+        loss, size = settings.batch_loss(state.train_model, batch)
         scaled = loss / settings.accum_steps
         (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
-    return loss
+    return loss, size
 
 
 def train_one_epoch(
     state: TrainState,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[Any],
     settings: StepSettings,
     *,
     recorder: RunRecorder | None = None,
@@ -186,11 +186,13 @@ def train_one_epoch(
 
     `loader` must already be positioned at micro-batch `state.step_in_epoch * accum_steps` (mid-epoch
     resume). `on_checkpoint` (called on every rank) writes last.pt; `last_good` describes the newest one.
+    A stop request (settings.stop_requested, stop_after_steps) ends the epoch after the current step,
+    with a checkpoint, and is reported in `EpochStats.stopped`.
     """
     state.train_model.train()
     micro_batches = iter(loader)
-    tracker = _LossTracker(settings.device)
-    start, stopped = time.perf_counter(), False
+    tracker = _LossTracker(settings.device, state.epoch_progress if state.step_in_epoch else {})
+    stopped: str | None = None
     bar = progress(
         range(state.step_in_epoch, settings.steps),
         desc=f"train {state.epoch + 1}",
@@ -201,9 +203,10 @@ def train_one_epoch(
     )
     for _ in bar:
         for micro in range(settings.accum_steps):
-            images, targets = next(micro_batches)
-            loss = _micro_step(state, settings, images, targets, sync=micro == settings.accum_steps - 1)
-            tracker.add(loss, images.shape[0], state.global_step + 1)
+            loss, size = _micro_step(
+                state, settings, next(micro_batches), sync=micro == settings.accum_steps - 1
+            )
+            tracker.add(loss, size, state.global_step + 1)
         _optimizer_step(state, settings)
         state.global_step += 1
         state.step_in_epoch += 1
@@ -216,18 +219,26 @@ def train_one_epoch(
                 recorder.scalars(scalars, state.global_step)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}", refresh=False)
+        if settings.stop_requested is not None:
+            stopped = settings.stop_requested()
+        if settings.stop_after_steps is not None and state.global_step == settings.stop_after_steps:
+            stopped = stopped or "trainer.stop_after_steps"
+        # (the epoch's end writes its own checkpoint, after validation, unless the run stops here)
         checkpoint_due = settings.checkpoint_every and state.global_step % settings.checkpoint_every == 0
-        stopped = settings.stop_after_steps is not None and state.global_step == settings.stop_after_steps
+        checkpoint_due = checkpoint_due and state.step_in_epoch < settings.steps
         if (checkpoint_due or stopped) and on_checkpoint is not None:
             tracker.check_finite(state, last_good())  # never checkpoint weights that saw a NaN
+            state.epoch_progress = tracker.totals()
             on_checkpoint()
         if stopped:
             break
     if hasattr(bar, "close"):
         bar.close()
     tracker.check_finite(state, last_good())
-    loss, samples = tracker.epoch_mean()
-    return EpochStats(loss=loss, samples=samples, seconds=time.perf_counter() - start, stopped=stopped)
+    totals = tracker.totals()
+    state.epoch_progress = totals
+    loss = totals["loss_sum"] / max(totals["samples"], 1)
+    return EpochStats(loss=loss, samples=int(totals["samples"]), seconds=totals["seconds"], stopped=stopped)
 
 
 def _optimizer_step(state: TrainState, settings: StepSettings) -> None:
@@ -246,64 +257,3 @@ def _optimizer_step(state: TrainState, settings: StepSettings) -> None:
     state.scheduler.step()
     if state.ema is not None:
         state.ema.update(state.model, step=state.global_step + 1)
-
-
-@dataclass
-class EvalResult:
-    top1: float  # percent
-    top5: float  # percent (top-k with k = min(5, classes))
-    loss: float
-    num_samples: int  # counted over all ranks, bad files excluded
-    bad_files: int
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    settings: StepSettings,
-    *,
-    expected_total: int | None = None,
-    limit_batches: int | None = None,
-    desc: str = "val",
-) -> EvalResult:
-    """Exact accuracy over a sharded loader: per-rank sums of hits and counts, all-reduced once.
-
-    Targets of -1 mark unreadable files: they are skipped and counted. Without `limit_batches`, the count
-    plus the bad files must equal `expected_total` (the data set size): every sample seen exactly once.
-    """
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=settings.device)  # hits@1, hits@5, count, loss, bad
-    batches = itertools.islice(loader, limit_batches) if limit_batches is not None else loader
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    if limit_batches is not None and total is not None:
-        total = min(total, limit_batches)
-    for images, targets in progress(batches, desc=desc, total=total, enabled=settings.progress, unit="batch"):
-        images, targets = _to_device(images, targets, settings)
-        valid = targets >= 0
-        with settings.autocast():
-            logits = model(images)
-        logits, kept = logits.float()[valid], targets[valid]
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == kept[:, None]  # (n, k)
-        sums += torch.stack(
-            [
-                hits[:, 0].sum(),
-                hits.any(dim=1).sum(),
-                valid.sum(),
-                F.cross_entropy(logits, kept, reduction="sum"),
-                (~valid).sum(),
-            ]
-        ).double()
-    hits1, hits5, count, loss, bad = all_reduce_sum(sums).tolist()
-    if limit_batches is None and expected_total is not None and int(count + bad) != expected_total:
-        raise DataError(
-            f"Evaluation saw {int(count)} samples and {int(bad)} bad files, but the validation set has "
-            f"{expected_total}: the validation loader drops or duplicates samples across ranks. It must "
-            "shard "
-            "exactly (each sample on one rank, no padding); see polyscale.data.build_val_loader."
-        )
-    if count == 0:
-        raise DataError(
-            "The validation set yielded no readable samples: check data.root and data.on_bad_file."
-        )
-    return EvalResult(100.0 * hits1 / count, 100.0 * hits5 / count, loss / count, int(count), int(bad))

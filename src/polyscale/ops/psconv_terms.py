@@ -1,17 +1,17 @@
-"""Execution plans for PSConv: the channel layout and the list of plain convolutions it runs.
+"""The conv terms of PSConv's impls: the channel layout and the plain convolutions each impl runs.
 
 Eq. (3) of the PSConv paper only depends on D through the *class* of each channel: in the paper's
 interleaved layout input channel k has class k mod t and output channel c has class c mod t, and
 D[c, k] = M[c mod t, k mod t] for a small t x t class matrix M (see `class_matrix`). So a module may
 store its channels class by class ("class-contiguous" layout) without changing the operator: every
 same-dilation part of D then becomes a few dense rectangles, and rectangles of equal shape whose
-inputs are adjacent merge into ONE grouped convolution. Each weight entry belongs to exactly one
-rectangle, so a plan executes exactly the multiply-adds of nn.Conv2d and stores no dead weights.
+inputs are adjacent merge into ONE grouped convolution, a *term*. Each weight entry belongs to exactly
+one term, so every impl executes exactly the multiply-adds of nn.Conv2d and stores no dead weights.
 
 Classes are laid out in digit-reversed order (bit-reversed for t = 2^n, e.g. [0, 2, 1, 3] for t = 4):
 that order keeps every residue class modulo every divisor of t contiguous, which is what lets the
 cyclic pattern {1, 2, 1, 4} run as three convolutions (d=1: groups=2, d=2 and d=4: groups=4).
-Everything here is plain Python ints, built once per module.
+Everything here is plain Python ints, built once per layer shape.
 """
 
 from __future__ import annotations
@@ -143,14 +143,13 @@ def _rectangles(layout: Layout, matrix: list[list[int]], dilation: int) -> list[
     return sorted(rects)
 
 
-def _merge(rects: list[tuple[int, int, tuple]], merge: bool) -> list[list[tuple[int, int, tuple]]]:
+def _merge(rects: list[tuple[int, int, tuple]]) -> list[list[tuple[int, int, tuple]]]:
     """Runs of rectangles that one grouped conv can compute: adjacent inputs, equal shapes."""
     runs: list[list[tuple[int, int, tuple]]] = []
     for start, stop, rows in rects:
         prev = runs[-1][-1] if runs else None
         if (
-            merge
-            and prev is not None
+            prev is not None
             and prev[1] == start
             and prev[1] - prev[0] == stop - start
             and len(prev[2]) == len(rows)
@@ -193,38 +192,37 @@ def _diagonal_entries(
     return sorted(rects)
 
 
-PLAN_MODES = ("grouped", "shifts", "blocks", "depthwise")
+IMPLS = ("grouped", "shifts", "depthwise")
 
 
-def build_plan(layout: Layout, matrix: list[list[int]], mode: str) -> tuple[ConvTerm, ...]:
-    """The convolutions computing Eq. (3) in `layout`.
+def build_terms(layout: Layout, matrix: list[list[int]], impl: str) -> tuple[ConvTerm, ...]:
+    """The convolutions ("terms") with which `impl` computes Eq. (3) in `layout`.
 
     "grouped": same-dilation rectangles merged into grouped convs (fewest convs); "shifts": one
     grouped conv per (dilation, cyclic shift) of class pairs, i.e. convs with per-group width C/t
-    (depthwise-like for tiny groups, which CPU kernels run faster than 2-channel groups);
-    "blocks": one conv per rectangle, nothing merged (the naive formulation); "depthwise": "shifts"
-    with every class-pair block split further into its m cyclic diagonals, so every conv is
+    (depthwise-like for tiny groups, which CPU kernels run faster than 2-channel groups); "depthwise":
+    "shifts" with every class-pair block split further into its m cyclic diagonals, so every conv is
     depthwise (t * m convs for classes of m channels; needs equal class sizes, else it is "shifts").
     """
     t = len(layout.order)
     dilations = list(dict.fromkeys(d for row in matrix for d in row))
     m = layout.in_sizes[0]
     square = layout.in_sizes == layout.out_sizes and all(size == m for size in layout.in_sizes)
-    if mode == "depthwise" and square:
+    if impl == "depthwise" and square:
         parts = [
             (d, _diagonal_entries(layout, matrix, d, s, b))
             for d in dilations
             for s in range(t)
             for b in range(m)
         ]
-    elif mode in ("shifts", "depthwise"):
+    elif impl in ("shifts", "depthwise"):
         parts = [(d, _pair_rectangles(layout, matrix, d, s)) for d in dilations for s in range(t)]
     else:
         parts = [(d, _rectangles(layout, matrix, d)) for d in dilations]
     terms = [
         ConvTerm(d, run[0][0], run[-1][1], len(run), tuple(r for _, _, rows in run for r in rows))
         for d, rects in parts
-        for run in _merge(rects, mode != "blocks")
+        for run in _merge(rects)
     ]
     # the term that writes every output channel in order (if any) goes first: it seeds the sum
     identity = tuple(range(sum(layout.out_sizes)))

@@ -1,13 +1,15 @@
-"""PSConv's planning helpers: the class layout, the plans' shape, and the block-permuted add."""
+"""PSConv's impls: the class layout, each impl's conv terms, the block-permuted add, defaults per device."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from psconv_reference import constant_blocks
 
 from polyscale.ops import PSConv2d
 from polyscale.ops._permute import permuted_add_
-from polyscale.ops.psconv_plan import block_permutation, class_order
+from polyscale.ops.psconv_impls import default_impl
+from polyscale.ops.psconv_terms import block_permutation, class_order
 
 
 @pytest.mark.parametrize("t", [1, 2, 4, 6, 8, 12])
@@ -34,12 +36,12 @@ def test_paper_setting_runs_three_convs_on_the_whole_input() -> None:
     """{1, 2, 1, 4} on both axes: d=1 as groups=2, d=2 and d=4 as groups=4; no input slicing."""
     for groups in (1, 32):
         module = PSConv2d(128, 128, groups=groups)
-        plan = module._plans["grouped"]
-        assert [(t.dilation, t.groups) for t in plan] == [(1, 2), (2, 4), (4, 4)]
-        assert all((t.in_start, t.in_stop) == (0, 128 // groups) for t in plan)
-        assert module._placement["grouped"][0] == "add"  # the d=1 term seeds the sum in order
-    naive = PSConv2d(64, 64)._plans["blocks"]
-    assert len(naive) == 10  # one conv per same-rate rectangle: 2 + 4 + 4
+        grouped = module._impls["grouped"]
+        assert [(t.dilation, t.groups) for t in grouped.terms] == [(1, 2), (2, 4), (4, 4)]
+        assert all((t.in_start, t.in_stop) == (0, 128 // groups) for t in grouped.terms)
+        assert grouped.places[0] == "add"  # the d=1 term seeds the sum in order
+    # the naive split (tests' blocks_reference) runs one conv per constant t x t cell of D instead
+    assert len(constant_blocks(PSConv2d(64, 64).dilation_matrix(), 1)) == 16
 
 
 def test_block_permutation() -> None:
@@ -77,15 +79,16 @@ def test_permuted_add_forward_and_backward(channels_last, groups, perm, size) ->
     torch.testing.assert_close(grad_y, grad[:, rows], rtol=0, atol=0)
 
 
-def test_default_formulation_per_device() -> None:
+def test_default_impl_per_device() -> None:
     """CPU: "grouped", except classes of 1-2 channels per group (ResNeXt-50 layers 1-2), where the
-    all-depthwise split is faster (for 1-channel classes it is exactly the "shifts" plan)."""
-    assert PSConv2d(64, 64).default_impl("cpu") == "grouped"
-    assert PSConv2d(512, 512, groups=32).default_impl("cpu") == "grouped"  # 4 channels per class
-    assert PSConv2d(256, 256, groups=32).default_impl("cpu") == "depthwise"  # 2 channels per class
-    assert PSConv2d(128, 128, groups=32).default_impl("cpu") == "depthwise"  # 1 channel per class
-    module = PSConv2d(128, 128, groups=32)
-    assert module._plans["depthwise"] == module._plans["shifts"]
-    assert all(term.in_per_group == 1 for term in PSConv2d(256, 256, groups=32)._plans["depthwise"])
-    assert PSConv2d(128, 128, groups=32).default_impl("cuda") == "grouped"
-    assert PSConv2d(128, 128, groups=32, impl="blocks").impl == "blocks"  # explicit choice wins
+    all-depthwise split is faster (for 1-channel classes it is exactly the "shifts" terms)."""
+    assert default_impl(PSConv2d(64, 64), "cpu") == "grouped"
+    assert default_impl(PSConv2d(512, 512, groups=32), "cpu") == "grouped"  # 4 channels per class
+    assert default_impl(PSConv2d(256, 256, groups=32), "cpu") == "depthwise"  # 2 channels per class
+    assert default_impl(PSConv2d(128, 128, groups=32), "cpu") == "depthwise"  # 1 channel per class
+    impls = PSConv2d(128, 128, groups=32)._impls
+    assert impls["depthwise"].terms == impls["shifts"].terms
+    assert all(term.in_per_group == 1 for term in PSConv2d(256, 256, groups=32)._impls["depthwise"].terms)
+    assert default_impl(PSConv2d(128, 128, groups=32), "cuda") == "grouped"
+    explicit = PSConv2d(128, 128, groups=32, impl="shifts")
+    assert explicit.impl == "shifts" and list(explicit._impls) == ["shifts"]  # only the chosen one is built

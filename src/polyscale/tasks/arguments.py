@@ -1,0 +1,78 @@
+"""Config sections -> the plain keyword arguments of the model and data code, and their errors back.
+
+The library code below (models, data, ops) names its arguments in its messages (`root`,
+`dilation_pattern`, ...); `config_keys` re-renders such an error with the keys a user types on the
+command line (data.root, model.conv.dilation_pattern, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from polyscale.config import ConvConfig
+from polyscale.errors import ConfigError, PolyscaleError
+
+__all__ = ["MODEL_KEYS", "config_keys", "data_arguments", "model_arguments", "plain"]
+
+_CONV_FIELDS = {f.name for f in dataclasses.fields(ConvConfig)}
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A config node (DictConfig, dataclass or mapping) as a plain, resolved dict."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return dataclasses.asdict(node)
+    return dict(node)
+
+
+def MODEL_KEYS(name: str) -> str:  # noqa: N802 (a table, written as a function)
+    """The config key of a create_model / conv argument name."""
+    if name == "name":
+        return "model"
+    if name == "conv":
+        return "model/conv"
+    return f"model.conv.{name}" if name in _CONV_FIELDS - {"name"} else f"model.{name}"
+
+
+@contextlib.contextmanager
+def config_keys(keys: str | Mapping[str, str] | Callable[[str], str]) -> Iterator[None]:
+    """Re-raise user errors of the code inside with argument names shown as config keys."""
+    try:
+        yield
+    except PolyscaleError as err:
+        raise err.with_keys(keys) from err
+
+
+def model_arguments(cfg_model: Any, num_classes: int | None) -> dict[str, Any]:
+    """create_model's keyword arguments from the `model` section; `num_classes` fills a null one."""
+    c = plain(cfg_model)
+    conv = dict(c.get("conv") or {})
+    if conv.pop("groups", None) is not None:
+        raise ConfigError(
+            "model.conv.groups was renamed to model.conv.pyramid_groups (the per-level group counts of "
+            "PyConv's pyramid, not the groups of a conv): write model.conv.pyramid_groups=... instead."
+        )
+    n = c.get("num_classes") if c.get("num_classes") is not None else num_classes
+    if n is None:
+        raise ConfigError(
+            "model.num_classes is null and the data set gives no class count; set model.num_classes."
+        )
+    return {
+        "name": c["name"],
+        "num_classes": n,
+        "conv": conv or None,
+        "drop_rate": c.get("drop_rate", 0.0),
+        "zero_init_last": c.get("zero_init_last", False),
+        "checkpoint_path": c.get("checkpoint_path"),
+    }
+
+
+def data_arguments(cfg_data: Any, **replace: Any) -> dict[str, Any]:
+    """The data section as keyword arguments of polyscale.data (with some values replaced)."""
+    return {**plain(cfg_data), **replace}

@@ -1,0 +1,258 @@
+"""Image classification: class-labelled image sets, the model zoo's classifiers, cross-entropy (or timm's
+Mixup/CutMix with soft targets), exact top-1 / top-5 evaluation; best.pt follows the validation top-1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+from polyscale.data import build_dataset, build_train_loader, build_val_loader
+from polyscale.errors import ConfigError, DataError
+from polyscale.models import create_model
+from polyscale.tasks.arguments import MODEL_KEYS, config_keys, data_arguments, model_arguments
+from polyscale.tasks.base import Checkpoint, DataBundle, Runtime, Task
+
+__all__ = ["TASK", "ClassificationLoss", "ClassificationTask", "classification_metrics"]
+
+log = logging.getLogger("polyscale.classification")
+
+
+def _per_rank_val_batch(cfg_data: Any, world_size: int) -> int:
+    """Validation batch per rank from the global data.val_batch_size (null: data.batch_size)."""
+    return max(1, (cfg_data.val_batch_size or cfg_data.batch_size) // world_size)
+
+
+def _loader_options(cfg_data: Any) -> dict[str, Any]:
+    return {
+        "num_workers": cfg_data.num_workers,
+        "pin_memory": cfg_data.pin_memory,
+        "persistent_workers": cfg_data.persistent_workers,
+    }
+
+
+def _val_loader(dataset: Any, cfg_data: Any, runtime: Runtime) -> Any:
+    with config_keys("data."):
+        return build_val_loader(
+            dataset,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            batch_size=_per_rank_val_batch(cfg_data, runtime.world_size),
+            device=runtime.device,
+            **_loader_options(cfg_data),
+        )
+
+
+class ClassificationLoss:
+    """(model, (images, targets)) -> (loss, batch size): to the device, Mixup/CutMix, autocast, loss."""
+
+    def __init__(self, runtime: Runtime, loss_fn: nn.Module, mixup: Mixup | None) -> None:
+        self.runtime, self.loss_fn, self.mixup = runtime, loss_fn, mixup
+
+    def __call__(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        images = images.to(self.runtime.device, non_blocking=True)
+        if self.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(self.runtime.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with self.runtime.autocast():
+            loss = self.loss_fn(model(images), targets)
+        return loss, images.shape[0]
+
+
+@torch.no_grad()
+def classification_metrics(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    runtime: Runtime,
+    *,
+    expected_total: int | None = None,
+    limit_batches: int | None = None,
+    desc: str = "val",
+) -> dict[str, float]:
+    """Exact accuracy over a sharded loader: per-rank sums of hits and counts, all-reduced once.
+
+    Targets of -1 mark unreadable files: they are skipped and counted. Without `limit_batches`, the count
+    plus the bad files must equal `expected_total` (the data set size): every sample seen exactly once.
+    Returns top1, top5 (percent; top-k with k = min(5, classes)), loss, num_samples, bad_files.
+    """
+    model.eval()
+    device = runtime.device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # hits@1, hits@5, count, loss, bad
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if limit_batches is not None and total is not None:
+        total = min(total, limit_batches)
+    for i, (images, targets) in enumerate(runtime.progress(loader, desc=desc, total=total, unit="batch")):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        if runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        valid = targets >= 0
+        with runtime.autocast():
+            logits = model(images)
+        logits, kept = logits.float()[valid], targets[valid]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == kept[:, None]  # (n, k)
+        sums += torch.stack(
+            [
+                hits[:, 0].sum(),
+                hits.any(dim=1).sum(),
+                valid.sum(),
+                F.cross_entropy(logits, kept, reduction="sum"),
+                (~valid).sum(),
+            ]
+        ).double()
+    hits1, hits5, count, loss, bad = runtime.all_reduce_sum(sums).tolist()
+    if limit_batches is None and expected_total is not None and int(count + bad) != expected_total:
+        raise DataError(
+            f"Evaluation saw {int(count)} samples and {int(bad)} bad files, but the validation set has "
+            f"{expected_total}: the validation loader drops or duplicates samples across ranks. It must "
+            "shard exactly (each sample on one rank, no padding); see polyscale.data.build_val_loader."
+        )
+    if count == 0:
+        raise DataError(
+            "The validation set yielded no readable samples: check data.root and data.on_bad_file."
+        )
+    return {
+        "top1": 100.0 * hits1 / count,
+        "top5": 100.0 * hits5 / count,
+        "loss": loss / count,
+        "num_samples": int(count),
+        "bad_files": int(bad),
+    }
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    best_metric = "top1"
+    result_keys = ("top1", "top5")
+
+    def check(self, cfg: Any) -> None:
+        """Build the model on the meta device (no memory, no weight init), so that an unknown model or conv
+        name or a bad conv option fails in a second, before the data set is loaded."""
+        kwargs = model_arguments(cfg.model, cfg.data.num_classes or 1000)
+        with config_keys(MODEL_KEYS), torch.device("meta"):
+            create_model(**{**kwargs, "checkpoint_path": None})
+
+    def build_data(self, cfg: Any, runtime: Runtime, micro_batch: int) -> DataBundle:
+        """Train and validation sets and their per-rank loaders (train: seeded, resumable; val: exact)."""
+        with config_keys("data."):
+            train_set = build_dataset("train", **data_arguments(cfg.data))
+            val_set = build_dataset("val", **data_arguments(cfg.data))
+            train_loader = build_train_loader(
+                train_set,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+                batch_size=micro_batch,
+                seed=cfg.seed,
+                device=runtime.device,
+                **_loader_options(cfg.data),
+            )
+        val_loader = _val_loader(val_set, cfg.data, runtime)
+        return DataBundle(train_set, val_set, train_loader, val_loader, int(train_set.num_classes))
+
+    def build_model(self, cfg: Any, num_classes: int, runtime: Runtime) -> nn.Module:
+        """The registered network of `cfg.model`, with the data set's class count by default."""
+        if cfg.model.num_classes is not None and cfg.model.num_classes < num_classes:
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes} is smaller than the data set's {num_classes} "
+                "classes. Leave model.num_classes=null to use the data set's count."
+            )
+        with config_keys(MODEL_KEYS):
+            model = create_model(**model_arguments(cfg.model, num_classes)).to(runtime.device)
+        if runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def batch_loss(
+        self, cfg: Any, data: DataBundle, runtime: Runtime, micro_batch: int
+    ) -> ClassificationLoss:
+        """Cross-entropy with label smoothing, or timm's Mixup/CutMix with its soft-target cross-entropy."""
+        tcfg = cfg.trainer
+        if tcfg.mixup_alpha <= 0 and tcfg.cutmix_alpha <= 0:
+            return ClassificationLoss(
+                runtime, nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing), None
+            )
+        if micro_batch % 2:
+            raise ConfigError(
+                "Mixup/CutMix pairs samples within a batch and needs an even per-rank micro-batch "
+                f"(got {micro_batch}). Change data.batch_size, the number of ranks or trainer.accum_steps."
+            )
+        # timm draws lambda and the mixing mode from numpy's global RNG, which the checkpoint saves per rank.
+        mixup = Mixup(
+            mixup_alpha=tcfg.mixup_alpha,
+            cutmix_alpha=tcfg.cutmix_alpha,
+            prob=tcfg.mix_prob,
+            label_smoothing=tcfg.label_smoothing,
+            num_classes=data.num_classes,
+        )
+        return ClassificationLoss(runtime, SoftTargetCrossEntropy(), mixup)
+
+    evaluate = staticmethod(classification_metrics)
+
+    def record(self, metrics: dict[str, float], prefix: str) -> dict[str, float]:
+        names = {"top1": "top1", "top5": "top5", "loss": "loss", "num_samples": "samples"}
+        return {f"{prefix}_{names[k]}": v for k, v in metrics.items() if k in names}
+
+    def summary(self, record: dict[str, Any]) -> str:
+        line = ""
+        if "val_top1" in record:
+            line += f"  val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%"
+            line += f"  ({record['val_samples']} samples)"
+        if "ema_top1" in record:
+            line += f"  ema top-1 {record['ema_top1']:.2f}%"
+        return line
+
+    def evaluate_checkpoint(self, ckpt: Checkpoint, cfg: Any, eval_cfg: Any, runtime: Runtime) -> list[dict]:
+        """Top-1 / top-5 at every eval.crop_sizes (default: data.image_size), one row each; when a crop
+        differs from the checkpoint's training crop, the row and the log say so."""
+        trained_crop = ((ckpt.trained or {}).get("data") or {}).get("image_size")
+        model = None
+        rows = []
+        for crop in list(eval_cfg.crop_sizes) or [None]:  # None: the data config's image_size
+            with config_keys("data."):
+                dataset = build_dataset("val", crop_size=crop, **data_arguments(cfg.data))
+            model = model or ckpt.load_model(int(dataset.num_classes))
+            size = crop if crop is not None else cfg.data.image_size
+            if trained_crop is not None and size != trained_crop and runtime.rank == 0:
+                log.warning(
+                    "Evaluating at %d px crops; the network was trained on %d px crops (data.image_size of "
+                    "the checkpoint). Accuracy at another resolution is a different measurement.",
+                    size,
+                    trained_crop,
+                )
+            m = self.evaluate(
+                model,
+                _val_loader(dataset, cfg.data, runtime),
+                runtime,
+                expected_total=len(dataset),
+                limit_batches=cfg.trainer.limit_val_batches,
+                desc=f"eval {size}px",
+            )
+            row = {"crop_size": size, "top1": m["top1"], "top5": m["top5"], "num_samples": m["num_samples"]}
+            row.update(bad_files=m["bad_files"], train_crop_size=trained_crop)
+            rows.append(row)
+            if runtime.rank == 0:
+                note = f" (trained at {trained_crop} px)" if trained_crop not in (None, size) else ""
+                print(
+                    f"crop {size}{note}: top-1 {m['top1']:.2f}% (error {100 - m['top1']:.2f}%)  top-5 "
+                    f"{m['top5']:.2f}% (error {100 - m['top5']:.2f}%)  {m['num_samples']} samples, "
+                    f"{m['bad_files']} bad files",
+                    flush=True,
+                )
+        return rows
+
+
+TASK = ClassificationTask()
