@@ -4,10 +4,12 @@ The model is rebuilt from the config stored in the checkpoint (bare state dicts:
 under torchrun with exact sharding. Options: configs/eval.yaml and docs/training.md.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from polyscale.cli import prepare_launch
+from polyscale.cli import open_data_keys, prepare_launch
 from polyscale.cli.evaluate import run
 
 
@@ -18,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     prepare_launch()
+    open_data_keys(sys.argv)
     main()

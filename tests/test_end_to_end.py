@@ -143,3 +143,18 @@ def test_plain_default_run_reaches_90_percent_within_3_minutes(tmp_path: Path) -
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["best"]["top1"] >= 90.0 and elapsed < 180, (results, elapsed)
+
+
+@pytest.mark.slow
+def test_default_detection_run_reaches_70_box_ap50_within_10_minutes(tmp_path: Path) -> None:
+    """The README's detection command, unchanged: `python train.py task=detection` on 2 CPU cores."""
+    start = time.monotonic()
+    command = [sys.executable, "train.py", "task=detection", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(
+        command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["best"]["bbox_AP50"] >= 70.0 and elapsed < 600, (results, elapsed)
+    assert "train 1:" in done.stderr  # progress bars

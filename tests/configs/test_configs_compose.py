@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from engine_helpers import CONFIG_DIR, compose_config  # noqa: E402
 
+from polyscale.cli import open_data_keys
+
 GROUPS = ("model", "model/conv", "data", "optim", "schedule", "trainer", "experiment")
 
 
@@ -57,7 +59,10 @@ def test_eval_config_composes_with_groups_and_keys(option: str) -> None:
         "eval.crop_sizes=[224,320]",
     )
     assert (cfg.model.name, cfg.data.root, list(cfg.eval.crop_sizes)) == (option, "/d", [224, 320])
-    assert compose_config("eval", "data.root=/d").data.root == "/d"  # a key without choosing the group
+    # a key without choosing the group changes the checkpoint's stored data section (evaluate.py's argv)
+    assert open_data_keys(["checkpoint=x.pt", "data.root=/d"]) == ["checkpoint=x.pt", "+data.root=/d"]
+    assert compose_config("eval", "+data.root=/d").data.root == "/d"
+    assert open_data_keys(["data=imagenet", "data.root=/d"]) == ["data=imagenet", "data.root=/d"]
 
 
 def has_submitit() -> bool:

@@ -111,7 +111,7 @@ def test_train_substitutes_next_decodable_file(jpeg_tree: Path, caplog) -> None:
 def test_on_bad_file_error_raises_naming_the_file(jpeg_tree: Path, decoder: str) -> None:
     ds = build_dataset("train", **_opts(jpeg_tree, on_bad_file="error", decoder=decoder))
     with pytest.raises(
-        DataError, match=r"Cannot decode image file .*zz_corrupt.JPEG.* on_bad_file=skip"
+        DataError, match=r"Cannot read image file .*zz_corrupt.JPEG.* on_bad_file=skip"
     ) as info:
         ds[_index(ds, CORRUPT)]
     assert "`on_bad_file`=skip" in info.value.args[0]  # marked, so the engine can name its config key
@@ -183,7 +183,7 @@ def test_device_stage_handles_a_jpeg_only_the_header_of_which_is_valid(
             ds, torch.device("cpu"), 24, "bilinear", [0.0] * 3, [1.0] * 3, train=train
         )
         if on_bad_file == "error":
-            with pytest.raises(DataError, match=f"Cannot decode image file {re.escape(ds.path(5))}"):
+            with pytest.raises(DataError, match=f"Cannot read image file {re.escape(ds.path(5))}"):
                 decode(batch)
             continue
         images, targets = decode(batch)

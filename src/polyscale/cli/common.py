@@ -20,7 +20,7 @@ from polyscale.engine.distributed import (
 )
 from polyscale.errors import PolyscaleError
 
-__all__ = ["EXIT_USER_ERROR", "prepare_launch", "report_user_errors"]
+__all__ = ["EXIT_USER_ERROR", "open_data_keys", "prepare_launch", "report_user_errors"]
 
 EXIT_USER_ERROR = 2
 
@@ -47,6 +47,18 @@ def prepare_launch(argv: list[str] | None = None) -> list[str]:
         OmegaConf.register_new_resolver("polyscale_stamp", run_stamp)
     if dist_info().rank > 0:
         argv.extend(o for o in _NON_ZERO_RANK_OVERRIDES if o not in argv)
+    return argv
+
+
+def open_data_keys(argv: list[str]) -> list[str]:
+    """evaluate.py: `data.KEY=VALUE` without a `data=NAME` choice changes the data section stored in the
+    checkpoint, whose schema is known only once the checkpoint is read; Hydra is told to accept the key
+    (`+data.KEY=VALUE`) and the engine checks it against the stored data set's schema. In place."""
+    if any(arg.startswith("data=") for arg in argv):
+        return argv
+    for i, arg in enumerate(argv):
+        if arg.startswith("data.") and "=" in arg:
+            argv[i] = "+" + arg
     return argv
 
 

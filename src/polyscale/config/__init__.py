@@ -12,13 +12,16 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from polyscale.config.data import DataConfig
+from polyscale.config.data import DataConfig, DetectionDataConfig
+from polyscale.config.detection import DetectorConfig
 from polyscale.config.engine import EvalConfig, OptimConfig, ScheduleConfig, TrainerConfig
 from polyscale.config.model import ConvConfig, ModelConfig
 
 __all__ = [
     "ConvConfig",
     "DataConfig",
+    "DetectionDataConfig",
+    "DetectorConfig",
     "EvalConfig",
     "EvalRunConfig",
     "ModelConfig",
@@ -37,13 +40,16 @@ class TaskConfig:
     """What is trained (`task=NAME`): picks the data, model, loss and evaluator (polyscale.tasks)."""
 
     name: str = "classification"
+    best_metric: str | None = None  # the metric that picks best.pt (null: the task's own, e.g. top1, bbox_AP)
 
 
 @dataclass
 class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # Each data set's YAML file brings its schema (DataConfig, or DetectionDataConfig for detection sets).
+    data: Any = None
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # task=detection only
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -61,7 +67,10 @@ class EvalRunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # the checkpoint's task unless given
     eval: EvalConfig = field(default_factory=EvalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # data=NAME brings that set's schema; single keys (data.root=DIR) without a data=NAME change the
+    # checkpoint's stored data section (evaluate.py passes them on as +data.KEY, see cli/common.py)
+    data: Any = None
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # device, precision, limit_val_batches, ...
     seed: int = 0
 
@@ -81,6 +90,8 @@ SCHEMAS = {
     "model": ModelConfig,
     "conv": ConvConfig,
     "data": DataConfig,
+    "detection_data": DetectionDataConfig,
+    "detector": DetectorConfig,
     "optim": OptimConfig,
     "schedule": ScheduleConfig,
     "trainer": TrainerConfig,

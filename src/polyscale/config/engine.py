@@ -22,6 +22,7 @@ class ScheduleConfig:
     gamma: float = 0.1
     min_lr: float = 0.0
     warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor * lr (may be fractional)
+    warmup_steps: int = 0  # the warm-up in optimizer steps instead (detection's 500 iterations); 0: epochs
     warmup_start_factor: float = 0.0
 
 

@@ -23,12 +23,41 @@ from polyscale.data.options import DataOptions
 from polyscale.data.transforms import Pipeline
 from polyscale.errors import DataError
 
-__all__ = ["ImageFileDataset"]
+__all__ = ["ImageFileDataset", "ImageFiles"]
 
 log = logging.getLogger(__name__)
 
 
-class ImageFileDataset(Dataset):
+class ImageFiles:
+    """What a data set of image files under `root` shares: paths kept as one bytes array (`_files`,
+    relative to `root`), `on_bad_file`, and the `bad_file_mask` unreadable files are marked in."""
+
+    root: str
+    _files: np.ndarray
+    on_bad_file: str
+    bad_file_mask: torch.Tensor
+    SUBSTITUTED = "using the next readable image instead"  # what training does instead of a bad file
+    SKIPPED = "skipped (target -1)"  # ... and evaluation
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self._files[index]))
+
+    def report_bad_file(self, index: int, exc: BaseException, *, substitute: bool) -> None:
+        """Log file `index` as unreadable (once) and mark it, or raise DataError under on_bad_file=error."""
+        path, reason = self.path(index), f"{type(exc).__name__}: {exc}"
+        if self.on_bad_file == "error":
+            raise DataError(
+                f"Cannot read image file {path} ({reason}). `on_bad_file`=error stops at the first bad "
+                "file: replace or delete it, or set `on_bad_file`=skip to log, count and skip them."
+            ) from exc
+        if not self.bad_file_mask[index]:
+            self.bad_file_mask[index] = 1
+            log.warning(
+                "Bad image file %s (%s): %s", path, reason, self.SUBSTITUTED if substitute else self.SKIPPED
+            )
+
+
+class ImageFileDataset(ImageFiles, Dataset):
     """Items (pipeline output, class index) [+ file index when `with_index`]; see the module doc."""
 
     def __init__(
@@ -65,23 +94,6 @@ class ImageFileDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.targets)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.root, os.fsdecode(self._files[index]))
-
-    def report_bad_file(self, index: int, exc: BaseException, *, substitute: bool) -> None:
-        """Log and mark file `index` as undecodable, or raise DataError under on_bad_file=error."""
-        path = self.path(index)
-        reason = f"{type(exc).__name__}: {exc}"
-        if self.on_bad_file == "error":
-            raise DataError(
-                f"Cannot decode image file {path} ({reason}). `on_bad_file`=error stops at the first "
-                f"bad file: replace or delete it, or set `on_bad_file`=skip to log, count and skip them."
-            ) from exc
-        if not self.bad_file_mask[index]:
-            self.bad_file_mask[index] = 1
-            action = "using the next decodable image instead" if substitute else "skipped (target -1)"
-            log.warning("Bad image file %s (%s): %s", path, reason, action)
 
     def __getitem__(self, index: int) -> Any:
         n = len(self)

@@ -13,12 +13,23 @@ from typing import Any
 
 from polyscale.errors import ConfigError
 
-__all__ = ["DATASETS", "IN_MEMORY", "DataOptions"]
+__all__ = ["DATASETS", "IN_MEMORY", "DataOptions", "check_option_names"]
 
 DATASETS = ("builtin", "synthetic", "cifar10", "cifar100", "imagenet", "imagefolder")
 IN_MEMORY = ("builtin", "cifar10", "cifar100")  # uint8 sets held whole in memory (gpu_augment)
 _FOLDERS = ("imagenet", "imagefolder")
 _CHOICES = {"decoder": ("pil", "torchvision", "cuda"), "on_bad_file": ("skip", "error")}
+
+
+def check_option_names(cls: type, options: Mapping[str, Any], what: str) -> None:
+    """ConfigError for keyword arguments that are no field of the options dataclass `cls`."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"Unknown {what} option(s) {', '.join(f'`{name}`' for name in unknown)}; "
+            f"the {what} options are {', '.join(known)}."
+        )
 
 
 @dataclass
@@ -57,13 +68,7 @@ class DataOptions:
 
         ConfigError for a name that is not a field, listing the known ones.
         """
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"Unknown data option(s) {', '.join(f'`{name}`' for name in unknown)}; "
-                f"the data options are {', '.join(known)}."
-            )
+        check_option_names(cls, options, "data")
         return cls(**{key: _plain(value) for key, value in options.items()})
 
     def validate(self) -> None:

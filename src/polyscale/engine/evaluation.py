@@ -1,8 +1,8 @@
 """`evaluate_checkpoint`, evaluate.py's work: rebuild a checkpoint's network and let its task evaluate it.
 
-The task, model and data configs come from the config stored in our checkpoints. The command line
-changes them: naming a group option (`model=NAME`, `model/conv=NAME`, `data=NAME`, `task=NAME`) other
-than the stored one replaces that part of the stored config, while naming the stored one keeps the
+The task, model, detector and data configs come from the config stored in our checkpoints. The command
+line changes them: naming a group option (`model=NAME`, `model/conv=NAME`, `data=NAME`, `detector=NAME`)
+other than the stored one replaces that part of the stored config, while naming the stored one keeps the
 stored values (so `data=imagefolder data.root=DIR` evaluates at the crop the run was trained with);
 a key (`data.root=...`, `model.drop_rate=...`) replaces one value. Bare state dicts carry no config, so
 they need `model=NAME` (and usually `data=NAME`).
@@ -37,10 +37,11 @@ from polyscale.tasks import Checkpoint, Runtime, Task, get_task
 __all__ = ["effective_config", "evaluate_checkpoint"]
 
 log = logging.getLogger("polyscale.evaluate")
-_SECTIONS = ("task", "model", "data")
+_SECTIONS = ("task", "model", "data", "detector")
 # group choice on the command line -> (its config section, the key holding the option's name)
-_GROUPS = {"task": ("task", "task.name"), "model": ("model", "model.name"), "data": ("data", "data.name")}
+_GROUPS = {"model": ("model", "model.name"), "data": ("data", "data.name")}
 _GROUPS["model/conv"] = ("model.conv", "model.conv.name")
+_GROUPS["detector"] = ("detector", "detector.name")
 
 
 def effective_config(cfg: DictConfig, ckpt: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
@@ -63,15 +64,31 @@ def effective_config(cfg: DictConfig, ckpt: dict[str, Any], overrides: Sequence[
                 f"{cfg.checkpoint} is a bare state dict with no stored config, so the model is unknown. "
                 "Name it on the command line: python evaluate.py checkpoint=PATH model=NAME data=NAME ..."
             )
-        base.model, base.data = cfg.model, cfg.data
+        base.model, base.data = cfg.model, cfg.data if cfg.data is not None else {}
     for group, (section, name_key) in _GROUPS.items():  # another option replaces the whole section
         if group in chosen and OmegaConf.select(base, name_key) != OmegaConf.select(cfg, name_key):
             OmegaConf.update(base, section, OmegaConf.select(cfg, section), merge=False)
     for override in parsed:  # single keys replace single values
         key = override.key_or_group
-        if key.startswith(("model.", "data.", "task.")):
+        if key.startswith(("model.", "data.", "task.", "detector.")):
             OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
     base.model.checkpoint_path = None  # the weights come from the checkpoint being evaluated
+    task = base.task.name
+    if stored is not None and (stored.get("task") or {}).get("name", "classification") != task:
+        raise CheckpointError(
+            f"{cfg.checkpoint} is a checkpoint of task={stored['task']['name']}, not task={task}: evaluate "
+            "it without changing task.name."
+        )
+    # the data section's schema fills keys that older checkpoints lack and checks the rest
+    try:
+        base.data = OmegaConf.merge(OmegaConf.structured(get_task(task).data_schema), base.data)
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"{cfg.checkpoint} is a checkpoint of task={task}, and data.name={base.data.name} is no data set "
+            f"of that task. Evaluate it on a {task} data set; to start a new task's run "
+            f"from its network, use it as a backbone: python train.py task=NAME "
+            f"model.checkpoint_path={cfg.checkpoint}"
+        ) from err
     return base
 
 

@@ -204,6 +204,7 @@ def _fit(cfg: DictConfig, task: Task, runtime: Runtime, run_dir: Path) -> dict[s
     )
     final: dict[str, Any] | None = None
     bad_train = bad_val = 0
+    best_metric = cfg.task.best_metric or task.best_metric
     # (installed before the loaders start their workers, which inherit the handlers)
     with StopSignals(announce=info.is_main) as signals, contextlib.closing(recorder):
         settings.stop_requested = lambda: stop_requested(signals)
@@ -223,18 +224,19 @@ def _fit(cfg: DictConfig, task: Task, runtime: Runtime, run_dir: Path) -> dict[s
             record: dict[str, Any] = {"epoch": state.epoch + 1, "global_step": state.global_step}
             record.update(train_loss=stats.loss, lr=state.optimizer.param_groups[0]["lr"])
             record.update(images_per_s=stats.images_per_s, epoch_time_s=stats.seconds)
+            record.update(task.train_record(batch_loss))
             bad_train = _bad_train_files(data, device)
             is_best = False
             if (state.epoch + 1) % tcfg.val_every_n_epochs == 0 or state.epoch + 1 == tcfg.epochs:
                 val_record, tracked = _validate(task, state, eval_model, data, runtime, tcfg)
                 record.update(val_record)
                 bad_val = tracked["bad_files"]
-                final = {**{k: tracked[k] for k in task.result_keys}, "epoch": state.epoch + 1}
-                final["num_samples"] = tracked["num_samples"]
-                best_value = state.best.get(task.best_metric)
-                is_best = best_value is None or tracked[task.best_metric] > best_value
+                reported = {k: tracked[k] for k in task.result_keys if k in tracked}
+                final = {**reported, "epoch": state.epoch + 1, "num_samples": tracked["num_samples"]}
+                best_value = state.best.get(best_metric)
+                is_best = best_value is None or tracked[best_metric] > best_value
                 if is_best:
-                    state.best = {**{k: tracked[k] for k in task.result_keys}, "epoch": state.epoch + 1}
+                    state.best = {**reported, "epoch": state.epoch + 1}
             if bad_train or bad_val:
                 record.update(bad_files_train=bad_train, bad_files_val=bad_val)
             state.epoch, state.step_in_epoch, state.epoch_progress = state.epoch + 1, 0, {}
@@ -248,14 +250,14 @@ def _fit(cfg: DictConfig, task: Task, runtime: Runtime, run_dir: Path) -> dict[s
         return None
     results = {
         "best": dict(state.best),
-        "final": {k: final[k] for k in (*task.result_keys, "epoch")},
-        "num_val_samples": final["num_samples"],
+        "final": {k: v for k, v in final.items() if k != "num_samples"},
+        task.count_name: final["num_samples"],
         "bad_files": bad_train + bad_val,
         "bad_files_train": bad_train,
         "bad_files_val": bad_val,
     }
     recorder.write_results(results)
-    metric = task.best_metric
+    metric = best_metric
     log.info(
         "Best val %s %.2f (epoch %d); final %.2f. Results: %s",
         *(metric, state.best[metric], state.best["epoch"], final[metric], run_dir / "results.json"),

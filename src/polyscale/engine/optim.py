@@ -51,10 +51,17 @@ def lr_factor_fn(
 
     cosine: half cosine from 1 down to min_lr / base_lr, reached at the last step.
     step: gamma ** (number of milestones <= current epoch).
-    Both start with an optional linear warm-up from warmup_start_factor to 1 over warmup_epochs.
+    Both start with an optional linear warm-up from warmup_start_factor to 1 over warmup_steps optimizer
+    steps, or else warmup_epochs epochs.
     """
     total = steps_per_epoch * epochs
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = getattr(cfg, "warmup_steps", 0) or 0
+    warmup = warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+    if warmup_steps < 0 or (warmup_steps and warmup >= total):
+        raise ConfigError(
+            f"schedule.warmup_steps={warmup_steps} must be >= 0 and shorter than the run's {total} steps "
+            f"({epochs} epochs of {steps_per_epoch})."
+        )
     if cfg.name not in ("cosine", "step"):
         raise ConfigError(f"schedule.name={cfg.name!r} is unknown: use schedule=cosine or schedule=step.")
     if cfg.warmup_epochs < 0 or (warmup > 0 and warmup >= total):

@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from polyscale.engine.distributed import DistInfo, all_reduce_sum, init_distributed, resolve_device
+from polyscale.engine.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    init_distributed,
+    resolve_device,
+)
 from polyscale.engine.progress import progress
 from polyscale.errors import ConfigError
 
@@ -176,6 +182,10 @@ class Runtime:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over all ranks, in place (nothing to do for one process)."""
         return all_reduce_sum(tensor)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (a collective)."""
+        return all_gather_object(obj)
 
     def progress(
         self, iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it"

@@ -17,7 +17,15 @@ from omegaconf import OmegaConf
 from polyscale.config import ConvConfig
 from polyscale.errors import ConfigError, PolyscaleError
 
-__all__ = ["MODEL_KEYS", "config_keys", "data_arguments", "model_arguments", "plain"]
+__all__ = [
+    "MODEL_KEYS",
+    "build_split_loaders",
+    "config_keys",
+    "data_arguments",
+    "loader_arguments",
+    "model_arguments",
+    "plain",
+]
 
 _CONV_FIELDS = {f.name for f in dataclasses.fields(ConvConfig)}
 
@@ -76,3 +84,30 @@ def model_arguments(cfg_model: Any, num_classes: int | None) -> dict[str, Any]:
 def data_arguments(cfg_data: Any, **replace: Any) -> dict[str, Any]:
     """The data section as keyword arguments of polyscale.data (with some values replaced)."""
     return {**plain(cfg_data), **replace}
+
+
+def loader_arguments(cfg_data: Any, world_size: int, *, val: bool) -> dict[str, Any]:
+    """The per-rank batch and worker options of a loader from the data section (its batch sizes are
+    global: data.batch_size, data.val_batch_size (null: batch_size))."""
+    global_batch = (cfg_data.val_batch_size or cfg_data.batch_size) if val else cfg_data.batch_size
+    return {
+        "batch_size": max(1, global_batch // world_size),
+        "num_workers": cfg_data.num_workers,
+        "pin_memory": cfg_data.pin_memory,
+        "persistent_workers": cfg_data.persistent_workers,
+    }
+
+
+def build_split_loaders(
+    cfg: Any, runtime: Any, micro_batch: int, data: dict[str, Any], build_set: Callable, loaders: tuple
+) -> tuple[Any, Any, Any, Any]:
+    """(train set, val set, train loader, val loader) of the data section: `build_set(split, **data)` and
+    the library's (train, val) loader builders, with this rank's batches; errors name data.* keys."""
+    build_train, build_val = loaders
+    where = {"rank": runtime.rank, "world_size": runtime.world_size, "device": runtime.device}
+    with config_keys("data."):
+        train_set, val_set = build_set("train", **data), build_set("val", **data)
+        train_args = loader_arguments(cfg.data, runtime.world_size, val=False) | {"batch_size": micro_batch}
+        train_loader = build_train(train_set, seed=cfg.seed, **where, **train_args)
+        val_loader = build_val(val_set, **where, **loader_arguments(cfg.data, runtime.world_size, val=True))
+    return train_set, val_set, train_loader, val_loader

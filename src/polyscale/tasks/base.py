@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["BatchLoss", "Checkpoint", "DataBundle", "Runtime", "Task"]
+__all__ = ["BatchLoss", "Checkpoint", "DataBundle", "Runtime", "Task", "eval_batches"]
 
 T = TypeVar("T")
 
@@ -46,9 +46,22 @@ class Runtime(Protocol):
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
     def progress(
         self, iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it"
     ) -> Iterable[T]: ...
+
+
+def eval_batches(loader: Iterable[T], runtime: Runtime, limit_batches: int | None, desc: str) -> Iterator[T]:
+    """The validation batches of this rank, at most `limit_batches` of them, behind a progress bar."""
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if limit_batches is not None and total is not None:
+        total = min(total, limit_batches)
+    for i, batch in enumerate(runtime.progress(loader, desc=desc, total=total, unit="batch")):
+        if limit_batches is not None and i >= limit_batches:
+            return
+        yield batch
 
 
 @dataclass
@@ -74,13 +87,16 @@ class Task(ABC):
     """The hooks a task implements. One instance per run; `cfg` is the composed (train or eval) config.
 
     Metrics are plain dicts of numbers. `best_metric` (higher is better) picks best.pt; `result_keys`
-    are the metrics results.json reports for the best and the final epoch; every metrics dict also holds
-    "num_samples" (validation samples evaluated) and "bad_files" (validation files that could not be read).
+    are the metrics results.json reports for the best and the final epoch (those present); every metrics
+    dict also holds "num_samples" (validation items evaluated) and "bad_files" (validation files that
+    could not be read).
     """
 
     name: str
-    best_metric: str
-    result_keys: tuple[str, ...]
+    best_metric: str  # the default; `task.best_metric` in the config replaces it
+    result_keys: tuple[str, ...]  # those present in the metrics are reported
+    count_name: str = "num_val_samples"  # results.json's key for the number of validation items
+    data_schema: type  # the config schema of its data sets (polyscale.config)
 
     def check(self, cfg: Any) -> None:  # noqa: B027 (optional hook)
         """Fail fast, before any data is read, on settings this task cannot use."""
@@ -114,6 +130,10 @@ class Task(ABC):
     def evaluate_checkpoint(self, ckpt: Checkpoint, cfg: Any, eval_cfg: Any, runtime: Runtime) -> list[dict]:
         """evaluate.py's rows (e.g. one per test crop size), printed by rank 0. `cfg` holds the task,
         model, data and trainer sections, `eval_cfg` evaluate.py's `eval` section."""
+
+    def train_record(self, batch_loss: BatchLoss) -> dict[str, float]:
+        """Extra training fields of the epoch's record (e.g. each loss of a detector); a collective."""
+        return {}
 
     def record(self, metrics: dict[str, float], prefix: str) -> dict[str, float]:
         """The metrics as metrics.jsonl / TensorBoard fields, e.g. {"val_top1": ...} for prefix "val"."""

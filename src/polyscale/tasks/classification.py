@@ -14,39 +14,24 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from polyscale.config import DataConfig
 from polyscale.data import build_dataset, build_train_loader, build_val_loader
 from polyscale.errors import ConfigError, DataError
 from polyscale.models import create_model
+from polyscale.tasks import arguments as args_of
 from polyscale.tasks.arguments import MODEL_KEYS, config_keys, data_arguments, model_arguments
-from polyscale.tasks.base import Checkpoint, DataBundle, Runtime, Task
+from polyscale.tasks.base import Checkpoint, DataBundle, Runtime, Task, eval_batches
 
 __all__ = ["TASK", "ClassificationLoss", "ClassificationTask", "classification_metrics"]
 
 log = logging.getLogger("polyscale.classification")
 
 
-def _per_rank_val_batch(cfg_data: Any, world_size: int) -> int:
-    """Validation batch per rank from the global data.val_batch_size (null: data.batch_size)."""
-    return max(1, (cfg_data.val_batch_size or cfg_data.batch_size) // world_size)
-
-
-def _loader_options(cfg_data: Any) -> dict[str, Any]:
-    return {
-        "num_workers": cfg_data.num_workers,
-        "pin_memory": cfg_data.pin_memory,
-        "persistent_workers": cfg_data.persistent_workers,
-    }
-
-
 def _val_loader(dataset: Any, cfg_data: Any, runtime: Runtime) -> Any:
+    args = args_of.loader_arguments(cfg_data, runtime.world_size, val=True)
     with config_keys("data."):
         return build_val_loader(
-            dataset,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            batch_size=_per_rank_val_batch(cfg_data, runtime.world_size),
-            device=runtime.device,
-            **_loader_options(cfg_data),
+            dataset, rank=runtime.rank, world_size=runtime.world_size, device=runtime.device, **args
         )
 
 
@@ -90,12 +75,7 @@ def classification_metrics(
     model.eval()
     device = runtime.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # hits@1, hits@5, count, loss, bad
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    if limit_batches is not None and total is not None:
-        total = min(total, limit_batches)
-    for i, (images, targets) in enumerate(runtime.progress(loader, desc=desc, total=total, unit="batch")):
-        if limit_batches is not None and i >= limit_batches:
-            break
+    for images, targets in eval_batches(loader, runtime, limit_batches, desc):
         images = images.to(device, non_blocking=True)
         if runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -136,6 +116,7 @@ def classification_metrics(
 
 class ClassificationTask(Task):
     name = "classification"
+    data_schema = DataConfig
     best_metric = "top1"
     result_keys = ("top1", "top5")
 
@@ -148,19 +129,10 @@ class ClassificationTask(Task):
 
     def build_data(self, cfg: Any, runtime: Runtime, micro_batch: int) -> DataBundle:
         """Train and validation sets and their per-rank loaders (train: seeded, resumable; val: exact)."""
-        with config_keys("data."):
-            train_set = build_dataset("train", **data_arguments(cfg.data))
-            val_set = build_dataset("val", **data_arguments(cfg.data))
-            train_loader = build_train_loader(
-                train_set,
-                rank=runtime.rank,
-                world_size=runtime.world_size,
-                batch_size=micro_batch,
-                seed=cfg.seed,
-                device=runtime.device,
-                **_loader_options(cfg.data),
-            )
-        val_loader = _val_loader(val_set, cfg.data, runtime)
+        loaders = (build_train_loader, build_val_loader)
+        train_set, val_set, train_loader, val_loader = args_of.build_split_loaders(
+            cfg, runtime, micro_batch, data_arguments(cfg.data), build_dataset, loaders
+        )
         return DataBundle(train_set, val_set, train_loader, val_loader, int(train_set.num_classes))
 
     def build_model(self, cfg: Any, num_classes: int, runtime: Runtime) -> nn.Module:
