@@ -1,4 +1,4 @@
-"""scripts/bench_data.py run as a command in tiny settings: rows, rates, ratios, image counts (JSON)."""
+"""The benchmark scripts run as commands in tiny settings: rows, rates, ratios, image counts (JSON)."""
 
 from __future__ import annotations
 
@@ -162,3 +162,22 @@ def test_gpu_report_runs_every_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     assert models["ps_resnet20"]["train_img_s"] > 0 and models["ps_resnet20"]["baseline"] == "resnet20"
     assert report["bench_train_psresnet"]["model"] == "ps_resnet20"
     assert (tmp_path / "report" / "versions.txt").read_text().count("torch") >= 1
+
+
+def test_bench_detection_rows_rates_ratios(tmp_path: Path) -> None:
+    """scripts/bench_detection.py: one row per backbone, the task/bare ratio of each and the rate beside
+    the first backbone's, in tiny settings (the numbers are not the point: their consistency is)."""
+    out = tmp_path / "det.json"
+    args = ["--steps", "2", "--repeats", "2", "--warmup", "0", "--image-size", "32", "--batch", "2"]
+    args += ["--fpn-channels", "32", "--json", str(out)]
+    done = run_script([sys.executable, "scripts/bench_detection.py", *args], timeout=300)
+    report = json.loads(out.read_text())
+    assert [row["backbone"] for row in report["rows"]] == ["resnet20", "ps_resnet20"]
+    for row in report["rows"]:
+        assert len(row["times_s"]["bare"]) == len(row["times_s"]["task"]) == 2
+        rate = 2 * 2 / min(row["times_s"]["task"]) >= row["task_images_per_s"] > 0  # median of the repeats
+        assert rate and math.isclose(row["ratio"], row["task_images_per_s"] / row["bare_images_per_s"])
+    first, second = report["rows"]
+    assert first["vs_first_backbone"] == 1.0
+    assert math.isclose(second["vs_first_backbone"], second["task_images_per_s"] / first["task_images_per_s"])
+    assert f"| ps_resnet20 | {second['bare_images_per_s']:.1f} |" in done.stdout
