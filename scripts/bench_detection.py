@@ -16,7 +16,6 @@ process CPU time, `--clock cpu`), CUDA times come from CUDA events after warm-up
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bench_train import timed
+from bench_train import alternate, setup, write_json
 from polyscale.config import OptimConfig, ScheduleConfig
 from polyscale.data import build_detection_dataset
 from polyscale.detection import create_detector
@@ -32,7 +31,7 @@ from polyscale.engine.distributed import DistInfo
 from polyscale.engine.loop import StepSettings, TrainState, train_one_epoch
 from polyscale.engine.optim import build_optimizer, build_scheduler
 from polyscale.engine.run_dir import RunRecorder
-from polyscale.engine.runtime import Runtime, tune_cpu_allocator
+from polyscale.engine.runtime import Runtime
 from polyscale.models import get_model_spec
 from polyscale.tasks.detection import DetectionLoss
 
@@ -109,7 +108,6 @@ def bench_backbone(
     settings = StepSettings(
         device=device, batch_loss=DetectionLoss(runtime), steps=len(batches), log_every=20
     )
-    times: dict[str, list[float]] = {"bare": [], "task": []}
     with tempfile.TemporaryDirectory() as tmp:
         recorder = RunRecorder(tmp, enabled=True)
 
@@ -118,12 +116,7 @@ def bench_backbone(
             train_one_epoch(state, batches, settings, recorder=recorder)
 
         sides = {"bare": bare, "task": task}
-        for run in sides.values():
-            for _ in range(args.warmup):
-                run()
-        for r in range(args.repeats):  # alternate (ABBA), so that noise and position hit both sides alike
-            for side in ("bare", "task") if r % 2 == 0 else ("task", "bare"):
-                times[side].append(timed(sides[side], device, args.clock))
+        times = alternate(sides, warmup=args.warmup, repeats=args.repeats, device=device, clock=args.clock)
         recorder.close()
     ips = {side: args.steps * args.batch / statistics.median(t) for side, t in times.items()}
     return {"backbone": name, "bare_images_per_s": ips["bare"], "task_images_per_s": ips["task"]} | {
@@ -134,12 +127,7 @@ def bench_backbone(
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    if device.type == "cpu":
-        tune_cpu_allocator()  # as run_training does on the CPU; both loops share this process
+    device = setup(args)
     batches, classes = make_batches(args, device)
     rows = [bench_backbone(name, args, device, batches, classes) for name in args.models]
     for row in rows:
@@ -169,9 +157,7 @@ def main() -> None:
             f"| {row['backbone']} | {row['bare_images_per_s']:.1f} | {row['task_images_per_s']:.1f} | "
             f"{row['ratio']:.3f} | {row['vs_first_backbone']:.3f} |"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

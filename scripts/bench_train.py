@@ -133,14 +133,42 @@ def timed(fn: Callable[[], None], device: torch.device, clock: str = "wall") -> 
     return now() - t0
 
 
-def main() -> None:
-    args = parse_args()
+def alternate(
+    sides: dict[str, Callable[[], None]], *, warmup: int, repeats: int, device: torch.device, clock: str
+) -> dict[str, list[float]]:
+    """Seconds of each side per repeat: `warmup` untimed calls each (allocator, cuDNN autotuning, lazy
+    initialisation), then the sides in alternating order (ABBA), so that noise and position hit both."""
+    for run in sides.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(repeats):
+        for name in sides if r % 2 == 0 else reversed(sides):
+            times[name].append(timed(sides[name], device, clock))
+    return times
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Threads, cuDNN autotuning on CUDA, and on the CPU the malloc tuning run_training applies (both loops
+    share this process) unless `--default-malloc`."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    if device.type == "cpu" and not args.default_malloc:
-        tune_cpu_allocator()  # as run_training does on the CPU; both loops share this process
+    if device.type == "cpu" and not getattr(args, "default_malloc", False):
+        tune_cpu_allocator()
+    return device
+
+
+def main() -> None:
+    args = parse_args()
+    device = setup(args)
     torch.manual_seed(0)
     # One model, optimizer and scaler serve both loops: same tensors, same memory layout, so that the
     # ratio measures the loops and not where the allocator happened to put two copies of the weights.
@@ -157,13 +185,7 @@ def main() -> None:
             "bare": bare_loop(model, optimizer, scaler, autocast, batches),
             "trainer": trainer_loop(model, optimizer, scaler, autocast, batches, args, device, recorder),
         }
-        for run in sides.values():
-            for _ in range(args.warmup):  # allocator, cuDNN autotuning, lazy initialisation
-                run()
-        times: dict[str, list[float]] = {"bare": [], "trainer": []}
-        for r in range(args.repeats):  # alternate (ABBA), so that noise and position hit both sides alike
-            for name in ("bare", "trainer") if r % 2 == 0 else ("trainer", "bare"):
-                times[name].append(timed(sides[name], device, args.clock))
+        times = alternate(sides, warmup=args.warmup, repeats=args.repeats, device=device, clock=args.clock)
         recorder.close()
     ips = {name: args.steps * args.batch / statistics.median(t) for name, t in times.items()}
     ratio = ips["trainer"] / ips["bare"]
@@ -193,9 +215,7 @@ def main() -> None:
         f"batch {args.batch}, {args.precision}{', channels_last' if args.channels_last else ''}, "
         f"{result['clock']})"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

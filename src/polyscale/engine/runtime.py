@@ -152,11 +152,6 @@ def micro_batch_size(global_batch: int, world_size: int, accum_steps: int) -> in
     return global_batch // parts
 
 
-def per_rank_val_batch(batch_size: int, val_batch_size: int | None, world_size: int) -> int:
-    """Validation batch per rank from the global data.val_batch_size (null: data.batch_size)."""
-    return max(1, (val_batch_size or batch_size) // world_size)
-
-
 @dataclass(frozen=True)
 class Runtime:
     """This process's place and settings, shared by training and evaluation of every task."""
@@ -175,9 +170,13 @@ class Runtime:
     def world_size(self) -> int:
         return self.info.world_size
 
+    def __post_init__(self) -> None:
+        # built once: autocast() is entered on every micro-batch
+        object.__setattr__(self, "_autocast", autocast_factory(self.precision, self.device))
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of `precision` (a null context for fp32)."""
-        return autocast_factory(self.precision, self.device)()
+        return self._autocast()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over all ranks, in place (nothing to do for one process)."""

@@ -25,6 +25,7 @@ __all__ = [
     "loader_arguments",
     "model_arguments",
     "plain",
+    "val_loader",
 ]
 
 _CONV_FIELDS = {f.name for f in dataclasses.fields(ConvConfig)}
@@ -109,5 +110,11 @@ def build_split_loaders(
         train_set, val_set = build_set("train", **data), build_set("val", **data)
         train_args = loader_arguments(cfg.data, runtime.world_size, val=False) | {"batch_size": micro_batch}
         train_loader = build_train(train_set, seed=cfg.seed, **where, **train_args)
-        val_loader = build_val(val_set, **where, **loader_arguments(cfg.data, runtime.world_size, val=True))
-    return train_set, val_set, train_loader, val_loader
+    return train_set, val_set, train_loader, val_loader(build_val, val_set, cfg.data, runtime)
+
+
+def val_loader(build_val: Callable, dataset: Any, cfg_data: Any, runtime: Any) -> Any:
+    """This rank's exact evaluation shard of `dataset` through the library's `build_val`."""
+    where = {"rank": runtime.rank, "world_size": runtime.world_size, "device": runtime.device}
+    with config_keys("data."):
+        return build_val(dataset, **where, **loader_arguments(cfg_data, runtime.world_size, val=True))

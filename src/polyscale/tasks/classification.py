@@ -27,14 +27,6 @@ __all__ = ["TASK", "ClassificationLoss", "ClassificationTask", "classification_m
 log = logging.getLogger("polyscale.classification")
 
 
-def _val_loader(dataset: Any, cfg_data: Any, runtime: Runtime) -> Any:
-    args = args_of.loader_arguments(cfg_data, runtime.world_size, val=True)
-    with config_keys("data."):
-        return build_val_loader(
-            dataset, rank=runtime.rank, world_size=runtime.world_size, device=runtime.device, **args
-        )
-
-
 class ClassificationLoss:
     """(model, (images, targets)) -> (loss, batch size): to the device, Mixup/CutMix, autocast, loss."""
 
@@ -207,7 +199,7 @@ class ClassificationTask(Task):
                 )
             m = self.evaluate(
                 model,
-                _val_loader(dataset, cfg.data, runtime),
+                args_of.val_loader(build_val_loader, dataset, cfg.data, runtime),
                 runtime,
                 expected_total=len(dataset),
                 limit_batches=cfg.trainer.limit_val_batches,

@@ -22,13 +22,12 @@ from polyscale.detection import create_detector
 from polyscale.errors import ConfigError, DataError
 from polyscale.models import get_model_spec
 from polyscale.tasks.arguments import (
-    MODEL_KEYS,
     build_split_loaders,
     config_keys,
     data_arguments,
-    loader_arguments,
     model_arguments,
     plain,
+    val_loader,
 )
 from polyscale.tasks.base import Checkpoint, DataBundle, Runtime, Task, eval_batches
 
@@ -36,14 +35,15 @@ __all__ = ["TASK", "DetectionLoss", "DetectionTask", "detection_metrics"]
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _LOSS_PREFIX = "loss_"
-
-
-def _val_loader(dataset: Any, cfg_data: Any, runtime: Runtime) -> Any:
-    args = loader_arguments(cfg_data, runtime.world_size, val=True)
-    with config_keys("data."):
-        return build_detection_val_loader(
-            dataset, rank=runtime.rank, world_size=runtime.world_size, device=runtime.device, **args
-        )
+# create_detector's arguments that come from other sections than `detector` (kind is detector=NAME)
+_DETECTOR_KEYS = {
+    "kind": "detector",
+    "backbone": "model",
+    "conv": "model/conv",
+    "backbone_checkpoint": "model.checkpoint_path",
+    "min_size": "data.min_size",
+    "max_size": "data.max_size",
+}
 
 
 def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device) -> tuple:
@@ -149,17 +149,8 @@ class DetectionTask(Task):
 
     @staticmethod
     def _keys(name: str) -> str:
-        if name in ("min_size", "max_size"):
-            return f"data.{name}"
-        if name == "kind":
-            return "detector"
-        if name in ("backbone", "conv", "backbone_checkpoint"):
-            return {
-                "backbone": "model",
-                "conv": "model/conv",
-                "backbone_checkpoint": "model.checkpoint_path",
-            }[name]
-        return f"detector.{name}" if name not in ("name",) else MODEL_KEYS(name)
+        """The config key of a create_detector argument (for error messages)."""
+        return _DETECTOR_KEYS.get(name, f"detector.{name}")
 
     def _detector_arguments(self, cfg: Any, num_classes: int) -> dict[str, Any]:
         model = model_arguments(cfg.model, num_classes)
@@ -244,7 +235,7 @@ class DetectionTask(Task):
         model = ckpt.load_model(int(dataset.num_classes))
         m = detection_metrics(
             model,
-            _val_loader(dataset, cfg.data, runtime),
+            val_loader(build_detection_val_loader, dataset, cfg.data, runtime),
             runtime,
             self._evaluator(dataset, cfg),
             expected_total=len(dataset),
