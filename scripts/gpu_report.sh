@@ -10,6 +10,8 @@
 #   bench_data      ImageNet pipeline per decoder (pil, torchvision, cuda) and worker count -> docs/data.md
 #   bench_data_cifar  CIFAR: CPU loader vs the whole set on the GPU (data.gpu_augment) -> docs/data.md
 #   bench_train_*   trainer vs bare loop, ResNet-50 / PS-ResNet-50, bf16 channels_last -> docs/training.md
+#   bench_detection detection task vs bare loop, ResNet-50 vs PS-ResNet-50 RetinaNet -> docs/detection.md
+#   sepc_cost       SEPC head variants: GMACs at 800x1333 and latency vs the standard head -> docs/detection.md
 #   gpu_tests       pytest -m gpu (CUDA correctness tests; CUDA only)
 #
 # Runs from the checkout without installing it (PYTHONPATH=src). Needs torch + torchvision with CUDA,
@@ -44,6 +46,8 @@ if [[ "$quick" == 1 ]]; then
     cifar=(--cifar --cifar-images 256 --batch-size 32 --workers 0 --repeats 1)
     train=(--model resnet20 --image-size 32 --batch 8 --steps 2 --warmup 1 --repeats 1)
     train_ps=(--model ps_resnet20 --image-size 32 --batch 8 --steps 2 --warmup 1 --repeats 1)
+    detection=(--steps 1 --warmup 1 --repeats 1)
+    sepc=(--backbone resnet20 --size 128 160 --fpn-channels 64 --repeats 1)
 else
     conv=()
     models=()
@@ -51,6 +55,8 @@ else
     cifar=(--cifar --workers 0 4 8)
     train=(--model resnet50 --image-size 224 --batch 128)
     train_ps=(--model ps_resnet50 --image-size 224 --batch 128)
+    detection=(--models resnet50 ps_resnet50 --detector retinanet --image-size 512 --batch 8 --fpn-channels 256)
+    sepc=(--repeats 20)
 fi
 if [[ "$device" == cuda ]]; then
     precision=(--precision bf16 --channels-last)
@@ -66,6 +72,9 @@ run bench_train_resnet python scripts/bench_train.py --device "$device" "${train
     --json "$out/bench_train_resnet.json"
 run bench_train_psresnet python scripts/bench_train.py --device "$device" "${train_ps[@]}" "${precision[@]}" \
     --json "$out/bench_train_psresnet.json"
+run bench_detection python scripts/bench_detection.py --device "$device" "${detection[@]}" \
+    --json "$out/bench_detection.json"
+run sepc_cost python scripts/sepc_cost.py --device "$device" "${sepc[@]}" --json "$out/sepc_cost.json"
 if [[ "$device" == cuda ]]; then
     run gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests
 fi

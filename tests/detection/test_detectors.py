@@ -36,6 +36,7 @@ SMALL = {
     },
 }
 SMALL["mask_rcnn"] = {**SMALL["faster_rcnn"], "mask_head_dim": 16}
+SMALL["free_anchor"] = SMALL["retinanet"]
 # standard ImageNet net, PSConv on a CIFAR net (3 stages, strides 1/2/4), PyConv ImageNet net
 BACKBONES = [("resnet50", None), ("resnet20", "psconv"), ("pyconvresnet50", None)]
 SIZES = [(64, 96), (80, 64)]  # (H, W) of the two test images
@@ -223,7 +224,7 @@ def test_backbone_checkpoint_loads_without_the_classifier(tmp_path):
 
 
 def test_bad_arguments_raise_config_errors():
-    with pytest.raises(ConfigError, match="retinanet, fcos, faster_rcnn, mask_rcnn"):
+    with pytest.raises(ConfigError, match="retinanet, free_anchor, fcos, faster_rcnn, mask_rcnn"):
         create_detector("yolo")
     with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['rpn_top_n'\]"):
         create_detector("faster_rcnn", "resnet20", rpn_top_n=5)

@@ -141,6 +141,8 @@ def test_gpu_report_runs_every_benchmark_quick_on_cpu(tmp_path: Path) -> None:
         "bench_data_cifar",
         "bench_train_resnet",
         "bench_train_psresnet",
+        "bench_detection",
+        "sepc_cost",
     }
     conv = report["bench_conv"]["rows"]
     assert {r["layer"] for r in conv} >= {
@@ -162,6 +164,27 @@ def test_gpu_report_runs_every_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     assert models["ps_resnet20"]["train_img_s"] > 0 and models["ps_resnet20"]["baseline"] == "resnet20"
     assert report["bench_train_psresnet"]["model"] == "ps_resnet20"
     assert (tmp_path / "report" / "versions.txt").read_text().count("torch") >= 1
+    assert [row["backbone"] for row in report["bench_detection"]["rows"]] == ["resnet20", "ps_resnet20"]
+    heads = report["sepc_cost"]["variants"]
+    assert list(heads) == ["standard", "dcn", "pconv", "pconv_ibn", "sepc_lite", "sepc"]
+
+
+def test_sepc_cost_counts_head_multiply_adds_as_the_paper(tmp_path: Path) -> None:
+    """scripts/sepc_cost.py: the PConv head costs what the standard head costs (SEPC Table 1: 239.29 vs
+    239.32 G); iBN adds no multiply-adds; deformable convs count as convs plus their offset convs."""
+    out = tmp_path / "sepc.json"
+    args = ["--backbone", "resnet20", "--size", "64", "96", "--fpn-channels", "32", "--repeats", "1"]
+    args += ["--warmup", "0", "--json", str(out)]
+    done = run_script([sys.executable, "scripts/sepc_cost.py", *args], timeout=300)
+    heads = json.loads(out.read_text())["variants"]
+    assert heads["standard"]["head_gmacs_ratio"] == 1.0
+    assert heads["pconv"]["head_gmacs_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert heads["pconv_ibn"]["head_gmacs"] == pytest.approx(heads["pconv"]["head_gmacs"], rel=1e-3)
+    # Offset convs (18 output channels) are all that a deformable conv adds: a few percent at most.
+    for deform, plain in (("dcn", "standard"), ("sepc_lite", "pconv_ibn"), ("sepc", "sepc_lite")):
+        assert 1.0 < heads[deform]["head_gmacs"] / heads[plain]["head_gmacs"] < 1.2, deform
+    assert heads["sepc"]["paper_gflops"] == 242.22 and heads["dcn"]["paper_time_ms"] == 102.1
+    assert f"| pconv | {heads['pconv']['gmacs']:.2f} |" in done.stdout
 
 
 def test_bench_detection_rows_rates_ratios(tmp_path: Path) -> None:

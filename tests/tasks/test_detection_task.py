@@ -145,3 +145,32 @@ def test_two_process_detection_metrics_equal_one_process(tmp_path: Path) -> None
     assert code == 0, output
     (row,) = json.loads(out.read_text())["results"]
     assert row["num_images"] == 7 and {k: row[k] for k in METRICS} == {k: results["best"][k] for k in METRICS}
+
+
+def _epoch_losses(run: Path) -> dict[str, float]:
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    return {k: v for k, v in line.items() if k.startswith("loss_") or k == "train_loss"}
+
+
+def test_bf16_detection_training_tracks_fp32(tmp_path: Path) -> None:
+    """Mixed precision on the detection task: autocast bf16 (CPU or GPU) trains with finite losses that
+    follow the fp32 run of the same seed, and evaluation still scores the boxes."""
+    overrides = ("trainer.epochs=1", "detector=retinanet", "trainer.limit_train_batches=2")
+    fp32 = train(tmp_path / "fp32", *overrides)
+    bf16 = train(tmp_path / "bf16", *overrides, "trainer.precision=bf16")
+    reference, mixed = _epoch_losses(tmp_path / "fp32"), _epoch_losses(tmp_path / "bf16")
+    assert set(mixed) == set(reference) == {"train_loss", "loss_classification", "loss_bbox_regression"}
+    for key, value in reference.items():
+        assert mixed[key] == pytest.approx(value, rel=0.05), key
+    assert fp32 is not None and bf16 is not None and set(bf16["final"]) == set(fp32["final"])
+    assert load(tmp_path / "bf16" / "checkpoints" / "last.pt")["config"]["trainer"]["precision"] == "bf16"
+
+
+@pytest.mark.gpu
+def test_fp16_detection_training_on_cuda(tmp_path: Path) -> None:
+    """fp16 with the grad scaler on a GPU (on a CPU fp16 convolutions take minutes): finite losses."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    train(tmp_path, "trainer.epochs=1", "trainer.precision=fp16", "trainer.device=cuda")
+    losses = _epoch_losses(tmp_path)
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())

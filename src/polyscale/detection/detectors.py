@@ -4,7 +4,8 @@
 fine-tune), an FPN over them with the papers' levels, anchors that fit the levels' strides, and the
 torchvision detector. Labels are 1..K for every kind (0 is never an object), so one data pipeline and one
 evaluator serve all four; `num_classes` is K, without background, and is converted to each detector's
-convention here.
+convention here. `head` swaps RetinaNet's / FCOS's head for one of the SEPC paper's (detection.sepc) and
+`neck_pconv` puts stacked pyramid convolutions after the R-CNNs' FPN.
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from polyscale.detection.backbone import FeaturePyramidBackbone, backbone_features
+from polyscale.detection.free_anchor import FreeAnchor
+from polyscale.detection.sepc import HEADS, TOWER_HEADS, PConvNeck, create_head
 from polyscale.errors import ConfigError
 from polyscale.models import get_model_spec
 
 __all__ = ["DETECTOR_KINDS", "FCOS", "RetinaNet", "anchor_generator", "create_detector"]
 
-DETECTOR_KINDS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
+DETECTOR_KINDS = ("retinanet", "free_anchor", "fcos", "faster_rcnn", "mask_rcnn")
 P6P7_SOURCES = ("c5", "p5")
 
 # Papers' defaults. P6/P7 source: the RetinaNet paper (sec. 4, and mmdetection's and SEPC's
 # `add_extra_convs='on_input'`) computes P6 from C5; the FCOS paper (sec. 3.2) from P5.
-_DEFAULT_P6P7 = {"retinanet": "c5", "fcos": "p5"}
+_DEFAULT_P6P7 = {"retinanet": "c5", "free_anchor": "c5", "fcos": "p5"}
+# The torchvision head each single-stage kind's `head` variants are built on (polyscale.detection.sepc)
+_HEAD_FAMILY = {"retinanet": "retinanet", "free_anchor": "retinanet", "fcos": "fcos"}
 _ROI_OUTPUT = {"box": 7, "mask": 14}  # MultiScaleRoIAlign sizes of torchvision's R-CNN defaults
 _BOX_HEAD_DIM, _MASK_HEAD_DIM = 1024, 256  # torchvision's TwoMLPHead width and mask-head conv width
 
@@ -67,6 +72,7 @@ class FCOS(_ForegroundLabels, tvd.FCOS):
 
 _CLASSES: dict[str, type[nn.Module]] = {
     "retinanet": RetinaNet,
+    "free_anchor": FreeAnchor,  # RetinaNet with FreeAnchor's loss (labels 1..K too)
     "fcos": FCOS,
     "faster_rcnn": tvd.FasterRCNN,
     "mask_rcnn": tvd.MaskRCNN,
@@ -81,7 +87,7 @@ def anchor_generator(kind: str, strides: tuple[int, ...]) -> AnchorGenerator:
     Faster / Mask R-CNN RPN: one size 8 x stride, 3 ratios (FPN paper: 32..512 on strides 4..64). On a
     stride-4..128 pyramid these are torchvision's defaults (which round the octave sizes to integers).
     """
-    if kind == "retinanet":
+    if kind in ("retinanet", "free_anchor"):
         sizes = tuple(tuple(4 * s * 2 ** (k / 3) for k in range(3)) for s in strides)
         ratios = ((0.5, 1.0, 2.0),) * len(strides)
     elif kind == "fcos":
@@ -103,6 +109,44 @@ def _accepted_kwargs(cls: type) -> set[str]:
     return names | {"image_mean", "image_std"}
 
 
+def _check_pyramid_options(
+    kind: str, head: str, neck_pconv: int, ibn_sync: bool, align_corners: bool, extra_conv_padding: int
+) -> None:
+    """ConfigError for an unknown SEPC head, or an SEPC option that the detector built would not use."""
+    single_stage = kind in _HEAD_FAMILY
+    if head not in HEADS:
+        raise ConfigError(f"`head`={head!r}: choose one of {', '.join(HEADS)}.")
+    if head != "standard" and not single_stage:
+        raise ConfigError(
+            f"`head`={head!r} applies to {', '.join(_HEAD_FAMILY)} only; {kind} takes PConvs after its FPN "
+            "with `neck_pconv`."
+        )
+    if isinstance(neck_pconv, bool) or not isinstance(neck_pconv, int) or neck_pconv < 0:
+        raise ConfigError(f"`neck_pconv`={neck_pconv!r}: use a number of PConv blocks, 0 for none.")
+    if neck_pconv and single_stage:
+        raise ConfigError(
+            f"`neck_pconv`={neck_pconv} applies to faster_rcnn and mask_rcnn only; {kind} takes a PConv "
+            "head with `head`."
+        )
+    if isinstance(extra_conv_padding, bool) or extra_conv_padding not in (0, 1):
+        raise ConfigError(
+            f"`extra_conv_padding`={extra_conv_padding!r}: use 1, or 0 for the authors' padding-0 convs."
+        )
+    has_pconv = head in TOWER_HEADS or neck_pconv > 0
+    has_ibn = (head in TOWER_HEADS and TOWER_HEADS[head][0]) or neck_pconv > 0
+    if extra_conv_padding != 1 and head not in TOWER_HEADS:
+        raise ConfigError(
+            f"`extra_conv_padding`={extra_conv_padding} applies to the PConv heads "
+            f"({', '.join(TOWER_HEADS)}), not `head`={head!r}."
+        )
+    if not align_corners and not has_pconv:
+        raise ConfigError("`pconv_align_corners`=False needs a PConv head (`head`) or neck (`neck_pconv`).")
+    if ibn_sync and not has_ibn:
+        raise ConfigError(
+            "`ibn_sync`=True needs integrated BN: `head`=pconv_ibn, sepc_lite or sepc, or `neck_pconv` > 0."
+        )
+
+
 def create_detector(
     kind: str,
     backbone: str = "resnet50",
@@ -118,6 +162,11 @@ def create_detector(
     p6p7_from: str | None = None,
     box_head_dim: int | None = None,
     mask_head_dim: int | None = None,
+    head: str = "standard",
+    neck_pconv: int = 0,
+    ibn_sync: bool = False,
+    pconv_align_corners: bool = True,
+    extra_conv_padding: int = 1,
     **kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector with an FPN over the zoo network `backbone`.
@@ -127,11 +176,12 @@ def create_detector(
     Images are float (3, H, W) in [0, 1], normalised inside with ImageNet statistics by default.
 
     Args:
-        kind: retinanet | fcos | faster_rcnn | mask_rcnn.
+        kind: retinanet | free_anchor (RetinaNet trained with FreeAnchor's loss) | fcos | faster_rcnn |
+            mask_rcnn.
         backbone: a zoo name (`polyscale.list_models()`); 4-stage ImageNet nets or 3-stage CIFAR nets.
         num_classes: object classes K, without background. Targets and detections use labels 1..K for
-            every kind. Inside: RetinaNet / FCOS get K sigmoid outputs, Faster / Mask R-CNN K + 1 softmax
-            outputs (0 = background).
+            every kind. Inside: the single-stage kinds get K sigmoid outputs, Faster / Mask R-CNN K + 1
+            softmax outputs (0 = background).
         conv: the backbone's spatial conv, as `create_model`'s `conv` (None: the name's own).
         backbone_checkpoint: weights of the backbone network (e.g. ImageNet); its classifier is dropped.
         trainable_stages: how many of stem + stages train, counted from the top (5 = all of an ImageNet
@@ -139,10 +189,19 @@ def create_detector(
         frozen_bn: every backbone BatchNorm frozen (statistics and affine), as the papers.
         fpn_channels: FPN width, also the width of the single-stage heads' conv towers.
         min_size, max_size: the resize of torchvision's transform (shorter side, cap on the longer side).
-        p6p7_from: RetinaNet / FCOS: P6 computed from "c5" or "p5" (None: the detector's paper, C5 for
+        p6p7_from: single-stage kinds: P6 computed from "c5" or "p5" (None: the detector's paper, C5 for
             RetinaNet, P5 for FCOS).
         box_head_dim, mask_head_dim: Faster / Mask R-CNN: width of the two-FC box head (torchvision: 1024)
             and of the four mask-head convs (256); small values make CPU runs practical.
+        head: single-stage head, a row of SEPC Table 1: standard (torchvision's), dcn (its tower convs
+            deformable), pconv, pconv_ibn, sepc_lite or sepc (4 PConvs shared by both branches, then an
+            extra conv per branch; docs/detection.md).
+        neck_pconv: Faster / Mask R-CNN: PConv + iBN + ReLU blocks stacked after the FPN (0 = none; SEPC
+            Table 4).
+        ibn_sync: integrated BN (pconv_ibn, sepc_lite, sepc heads; the neck) as SyncBatchNorm.
+        pconv_align_corners: the PConvs' bilinear upsampling (True as the authors' code).
+        extra_conv_padding: padding of the PConv heads' extra per-branch convs: 1, or 0 as the authors'
+            code by mistake (the maps are zero-padded back to keep predictions over their anchors).
         kwargs: passed to the torchvision constructor (e.g. score_thresh, detections_per_img,
             rpn_batch_size_per_image, box_batch_size_per_image, box_detections_per_img, image_mean,
             size_divisible). Modules given here (anchor_generator, box_predictor, ...) replace ours, and a
@@ -154,18 +213,21 @@ def create_detector(
         raise ConfigError(f"`num_classes`={num_classes} must be at least 1 (object classes, no background).")
     if fpn_channels < 1:
         raise ConfigError(f"`fpn_channels`={fpn_channels} must be positive.")
-    single_stage = kind in ("retinanet", "fcos")
-    if kind == "fcos" and fpn_channels % 32:
+    single_stage = kind in _HEAD_FAMILY
+    if kind == "fcos" and head in ("standard", "dcn") and fpn_channels % 32:
         raise ConfigError(
             f"`fpn_channels`={fpn_channels}: FCOS's head normalises with GroupNorm(32, channels), so use a "
-            "multiple of 32."
+            "multiple of 32 (or a PConv `head`, which has no GroupNorm)."
         )
     if not single_stage and p6p7_from is not None:
-        raise ConfigError(f"`p6p7_from` applies to retinanet and fcos only; {kind} adds a max-pool level.")
+        raise ConfigError(
+            f"`p6p7_from` applies to {', '.join(_HEAD_FAMILY)} only; {kind} adds a max-pool level."
+        )
     if single_stage and (box_head_dim is not None or mask_head_dim is not None):
         raise ConfigError(f"`box_head_dim` / `mask_head_dim` apply to the R-CNN kinds only, not {kind}.")
     if kind == "faster_rcnn" and mask_head_dim is not None:
         raise ConfigError("`mask_head_dim` applies to mask_rcnn only.")
+    _check_pyramid_options(kind, head, neck_pconv, ibn_sync, pconv_align_corners, extra_conv_padding)
     p6p7_from = p6p7_from or _DEFAULT_P6P7.get(kind)
     if single_stage and p6p7_from not in P6P7_SOURCES:
         raise ConfigError(f"`p6p7_from`={p6p7_from!r}: use one of {', '.join(P6P7_SOURCES)} (or None).")
@@ -196,6 +258,18 @@ def create_detector(
     anchors_kw = "anchor_generator" if single_stage else "rpn_anchor_generator"
     kwargs.setdefault(anchors_kw, anchor_generator(kind, fpn.strides))
     if single_stage:
+        if head != "standard":
+            num_anchors = kwargs[anchors_kw].num_anchors_per_location()[0]
+            kwargs["head"] = create_head(
+                _HEAD_FAMILY[kind],
+                head,
+                fpn_channels,
+                num_anchors,
+                num_classes,
+                ibn_sync=ibn_sync,
+                align_corners=pconv_align_corners,
+                extra_conv_padding=extra_conv_padding,
+            )
         return cls(fpn, num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
     # R-CNN heads are built here rather than by torchvision so that their widths can shrink, and so that
@@ -213,5 +287,9 @@ def create_detector(
         kwargs.setdefault("mask_roi_pool", mask_pool)
         kwargs.setdefault("mask_head", MaskRCNNHeads(fpn_channels, (mask_dim,) * 4, 1))
         kwargs.setdefault("mask_predictor", MaskRCNNPredictor(mask_dim, mask_dim, classes))
+    # SEPC Table 4: stacked PConvs over every FPN level (names, widths and strides kept) before the RPN
+    features: nn.Module = fpn
+    if neck_pconv:
+        features = PConvNeck(fpn, neck_pconv, ibn_sync=ibn_sync, align_corners=pconv_align_corners)
     # num_classes=None: the class count lives in the predictors (torchvision refuses both).
-    return cls(fpn, None, min_size=min_size, max_size=max_size, **kwargs)
+    return cls(features, None, min_size=min_size, max_size=max_size, **kwargs)
