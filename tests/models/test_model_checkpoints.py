@@ -15,6 +15,7 @@ from psconv_original_ref import generated_state_dict, official_shapes
 from polyscale.errors import CheckpointError
 from polyscale.models import create_model, load_model_weights
 from polyscale.models.convert import rename_pyconv_original
+from polyscale.models.describe import describe_state_dict
 
 
 class NotATensor:
@@ -154,6 +155,18 @@ def test_pyconv_file_into_wrong_model_says_what_it_is() -> None:
         CheckpointError, match=r"built model=pyconvresnet50.*looks like pyconvhgresnet50 \(the PyConv"
     ):
         load_model_weights(create_model("pyconvresnet50"), sd)
+
+
+def test_dynamic_psconv_file_says_what_it_is() -> None:
+    """DynamicPSConv2d's keys (weight, gate_logits) name their conv type, not PSConv (the fallback)."""
+    sd = create_model("resnet20", conv="dynamic_psconv", num_classes=10).state_dict()
+    looks = r"looks like resnet20 with model/conv=dynamic_psconv, blocks \[3, 3, 3\], 10 classes"
+    with pytest.raises(CheckpointError, match=r"built model=ps_resnet20 \(conv psconv\).*" + looks):
+        load_model_weights(create_model("ps_resnet20", num_classes=10), sd)
+    grouped = create_model("resnext29_8x64d", conv="dynamic_psconv", num_classes=10).state_dict()
+    assert describe_state_dict(grouped) == (
+        "resnext29_8x64d with model/conv=dynamic_psconv, blocks [3, 3, 3], 8-group middle convs, 10 classes"
+    )
 
 
 @pytest.mark.parametrize(("name", "layers"), [("ps_resnet50", 16), ("ps_resnet101", 33)])

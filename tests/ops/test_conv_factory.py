@@ -14,7 +14,8 @@ from torch import nn
 
 import polyscale
 from polyscale.ops import CONV_TYPES, PSConv2d, PyConv2d, make_conv_layer, stage_conv_layers
-from polyscale.ops.factory import OPTIONS
+from polyscale.ops.dynamic_psconv import DynamicPSConv2d
+from polyscale.ops.factory import OPTIONS, TRAINING_OPTIONS
 from polyscale.ops.pyconv import PYCONV_GROUPS, PYCONV_KERNELS
 
 
@@ -49,8 +50,31 @@ def test_pyconv_levels_come_from_the_bound_pyramid() -> None:
         layer(32, 64, bias=True)
 
 
+def test_dynamic_psconv_binds_rates_and_init() -> None:
+    layer = make_conv_layer("dynamic_psconv", rates=[1, 3], init="large", dilation_pattern=[1, 2])
+    conv = layer(16, 32, 3, 2, groups=2)
+    assert isinstance(conv, DynamicPSConv2d)
+    assert (conv.rates, conv.init, conv.groups, conv.stride) == ((1, 3), "large", 2, (2, 2))
+    assert bool(conv.large_rate_mask().all())
+    assert conv(torch.randn(1, 16, 9, 9)).shape == (1, 32, 5, 5)
+    default = make_conv_layer("dynamic_psconv", rates=None, init=None)(8, 8)
+    assert (default.rates, default.init) == ((1, 2), "static")
+    with pytest.raises(ValueError, match=r"`rates` must be two positive integers"):
+        make_conv_layer("dynamic_psconv", rates=[2])(8, 8)
+
+
+def test_training_options_are_accepted_and_dropped_by_every_type() -> None:
+    """dynamic_psconv's regulariser settings sit in model.conv but are the task's, not a layer's."""
+    values = {"large_fraction_target": 0.3, "large_fraction_weight": 0.1}
+    assert set(values) == set(TRAINING_OPTIONS)
+    for name in CONV_TYPES:
+        assert type(make_conv_layer(name, **values)(64, 64)) is type(make_conv_layer(name)(64, 64))
+
+
 def test_unknown_name_and_option_raise() -> None:
-    with pytest.raises(ValueError, match=r"unknown conv type 'deform'.*\('standard', 'psconv', 'pyconv'\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown conv type 'deform'.*\('standard', 'psconv', 'pyconv', 'dynamic_psconv'\)"
+    ):
         make_conv_layer("deform")
     with pytest.raises(ValueError, match=r"unknown conv option\(s\) \['dilation'\]"):
         make_conv_layer("psconv", dilation=2)
@@ -103,14 +127,15 @@ def test_every_stage_layer_with_all_options_is_picklable(name) -> None:
     """Every type's options may be passed to any type (the others' are ignored, as are None values), so
     one set of options serves whichever type is named; the callables pickle (DDP spawn)."""
     values = {"dilation_pattern": [1, 2, 1, 4], "axes": "both", "impl": None}
-    values |= {"kernel_sizes": None, "pyramid_groups": None}
+    values |= {"kernel_sizes": None, "pyramid_groups": None, "rates": [1, 2], "init": "static"}
     assert set(values) == {key for keys in OPTIONS.values() for key in keys}
+    values |= {"large_fraction_target": 0.5, "large_fraction_weight": 0.0}
     layers = stage_conv_layers(name, 4, **values)
     assert len(layers) == 4
     for layer in layers:
         clone = pickle.loads(pickle.dumps(layer))
         assert type(clone(64, 64)) is type(layer(64, 64))
-    expected = {"standard": nn.Conv2d, "psconv": PSConv2d, "pyconv": PyConv2d}[name]
+    expected = {"standard": nn.Conv2d, "psconv": PSConv2d, "pyconv": PyConv2d}.get(name, DynamicPSConv2d)
     assert type(layers[0](64, 64)) is expected
 
 

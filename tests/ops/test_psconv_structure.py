@@ -147,7 +147,7 @@ def test_load_dense_weight_round_trip() -> None:
     module.load_dense_weight(weight)
     assert torch.equal(module.dense_weight(), weight)
     assert module.dense_weight().requires_grad  # still the trainable parameter
-    with pytest.raises(ValueError, match=r"weight must have shape \(8, 8, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"`weight` must have shape \(8, 8, 3, 3\)"):
         module.load_dense_weight(torch.randn(8, 16, 3, 3))
 
 

@@ -35,6 +35,9 @@ def _conv_kind(sd: Mapping[str, Tensor], block: str) -> tuple[str, int]:
         return "pyconv_original", 1
     if any(k.startswith("levels.") for k in keys):
         return "pyconv", 1
+    if "gate_logits" in keys:  # DynamicPSConv2d: nn.Conv2d's weight (and bias) plus the mask's gates
+        w = sd[block + "conv2.weight"]
+        return "dynamic_psconv", sd[block + "conv1.weight"].shape[0] // w.shape[1]
     if keys == ["weight"]:
         w = sd[block + "conv2.weight"]
         return "standard", sd[block + "conv1.weight"].shape[0] // w.shape[1]
@@ -71,8 +74,8 @@ def describe_state_dict(sd: Mapping[str, Tensor]) -> str:
         name = f"{'se' if any('.se.' in k for k in sd) else ''}resnet{depth}"
     if conv.startswith("psconv") and not name.startswith("pyconv"):
         name = "ps_" + name
-    elif conv == "pyconv" and not name.startswith("pyconv"):
-        name += " with model/conv=pyconv"
+    elif conv in ("pyconv", "dynamic_psconv") and not name.startswith("pyconv"):
+        name += f" with model/conv={conv}"  # a standard trunk whose middle convs are this conv type
     notes = {
         "psconv_original": " (the PSConv authors' layout)",
         "pyconv_original": " (the PyConv authors' layout)",

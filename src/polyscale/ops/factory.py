@@ -15,17 +15,22 @@ from typing import Any
 
 from torch import nn
 
+from polyscale.ops.dynamic_psconv import DynamicPSConv2d
 from polyscale.ops.psconv import PSConv2d
 from polyscale.ops.pyconv import PYCONV_GROUPS, PYCONV_KERNELS, PyConv2d
 
-CONV_TYPES = ("standard", "psconv", "pyconv")
+CONV_TYPES = ("standard", "psconv", "pyconv", "dynamic_psconv")
 # Options of each type. Any of them may be passed to any type, so that one set of options can serve
 # whichever type is named; those of other types are ignored, as are None values ("use the default").
 OPTIONS = {
     "standard": (),
     "psconv": ("dilation_pattern", "axes", "impl"),
     "pyconv": ("kernel_sizes", "pyramid_groups"),
+    "dynamic_psconv": ("rates", "init"),
 }
+# Options that belong to a conv type's training, not to its layers (dynamic_psconv's regulariser on the
+# share of large-rate kernels, read by the classification task): accepted alongside and dropped here.
+TRAINING_OPTIONS = ("large_fraction_target", "large_fraction_weight")
 
 ConvLayer = Callable[..., nn.Module]
 
@@ -76,11 +81,25 @@ def pyconv(
     return PyConv2d(in_channels, out_channels, kernel_sizes, pyramid_groups, stride)
 
 
+def dynamic_psconv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    padding: int | None = None,
+    groups: int = 1,
+    bias: bool = False,
+    **options: Any,
+) -> DynamicPSConv2d:
+    """DynamicPSConv2d with the bound rates / init."""
+    return DynamicPSConv2d(in_channels, out_channels, kernel_size, stride, padding, groups, bias, **options)
+
+
 def _options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Validate the name and keep the non-None options that belong to it."""
     if name not in CONV_TYPES:
         raise ValueError(f"unknown conv type {name!r}; choose one of {CONV_TYPES}")
-    known = {key for keys in OPTIONS.values() for key in keys}
+    known = {key for keys in OPTIONS.values() for key in keys} | set(TRAINING_OPTIONS)
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"unknown conv option(s) {unknown} for {name!r}; known options: {sorted(known)}")
@@ -88,10 +107,10 @@ def _options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_conv_layer(name: str, **options: Any) -> ConvLayer:
-    """The conv_layer callable for one conv type: "standard", "psconv" or "pyconv".
+    """The conv_layer callable for one conv type: "standard", "psconv", "pyconv" or "dynamic_psconv".
 
     psconv takes dilation_pattern, axes and impl; pyconv takes kernel_sizes and pyramid_groups (one
-    list each: the pyramid of every layer built with this callable).
+    list each: the pyramid of every layer built with this callable); dynamic_psconv takes rates and init.
     """
     options = _options(name, options)
     if name == "standard":
@@ -100,6 +119,10 @@ def make_conv_layer(name: str, **options: Any) -> ConvLayer:
         if "dilation_pattern" in options:
             options["dilation_pattern"] = tuple(options["dilation_pattern"])
         return partial(psconv, **options)
+    if name == "dynamic_psconv":
+        if isinstance(options.get("rates"), list):
+            options["rates"] = tuple(options["rates"])
+        return partial(dynamic_psconv, **options)
     return partial(pyconv, **{k: tuple(v) for k, v in options.items()})
 
 
@@ -127,7 +150,7 @@ def stage_conv_layers(name: str, num_stages: int = 4, **options: Any) -> list[Co
 
     For pyconv, kernel_sizes / pyramid_groups may be one list per stage or one list for every stage;
     None gives PyConvResNet's per-stage pyramids (ops.pyconv.PYCONV_KERNELS / PYCONV_GROUPS; with
-    fewer stages, the first ones). For standard and psconv every stage gets the same callable.
+    fewer stages, the first ones). For the other types every stage gets the same callable.
     """
     options = _options(name, options)
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from polyscale.ops import _checks
+from polyscale.ops._dense import DenseWeight
 from polyscale.ops.psconv_impls import choose_impl, compile_impls, cpu_chunk_size
 from polyscale.ops.psconv_terms import AXES, IMPLS, Layout, class_matrix
 
 
-class PSConv2d(nn.Module):
+class PSConv2d(DenseWeight, nn.Module):
     """Drop-in for nn.Conv2d(in, out, k, stride, padding, groups=groups, bias=bias) with Eq. (3)'s D.
 
     `padding` is the padding of the dilation-1 kernels (None: k // 2, "same"); dilation d gets
@@ -106,20 +107,6 @@ class PSConv2d(nn.Module):
         layout = self._layout
         rows = [[self._matrix[b][a] for a in layout.input_classes()] for b in layout.output_classes()]
         return torch.tensor(rows, dtype=torch.long, device=self.weight.device).repeat(self.groups, 1)
-
-    def dense_weight(self) -> Tensor:
-        """G of Eq. (3), (C_out, C_in // groups, k, k): the stored parameter itself."""
-        return self.weight
-
-    @torch.no_grad()
-    def load_dense_weight(self, weight: Tensor) -> None:
-        """Set G (in this module's channel order); afterwards dense_weight() equals `weight`."""
-        if tuple(weight.shape) != tuple(self.weight.shape):
-            raise ValueError(
-                f"weight must have shape {tuple(self.weight.shape)} (C_out, C_in/groups, k, k), "
-                f"got {tuple(weight.shape)}"
-            )
-        self.weight.copy_(weight)
 
     def paper_order(self) -> tuple[Tensor, Tensor]:
         """(out_index, in_index) with dilation_matrix()[out_index][:, in_index] == the paper's layout.

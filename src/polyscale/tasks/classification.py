@@ -5,6 +5,7 @@ Mixup/CutMix with soft targets), exact top-1 / top-5 evaluation; best.pt follows
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +19,7 @@ from polyscale.config import DataConfig
 from polyscale.data import build_dataset, build_train_loader, build_val_loader
 from polyscale.errors import ConfigError, DataError
 from polyscale.models import create_model
+from polyscale.ops.dynamic_psconv import DynamicPSConv2d, large_fraction_penalty, mean_large_fraction
 from polyscale.tasks import arguments as args_of
 from polyscale.tasks.arguments import MODEL_KEYS, config_keys, data_arguments, model_arguments
 from polyscale.tasks.base import Checkpoint, DataBundle, Runtime, Task, eval_batches
@@ -27,11 +29,30 @@ __all__ = ["TASK", "ClassificationLoss", "ClassificationTask", "classification_m
 log = logging.getLogger("polyscale.classification")
 
 
-class ClassificationLoss:
-    """(model, (images, targets)) -> (loss, batch size): to the device, Mixup/CutMix, autocast, loss."""
+def _large_fraction_settings(cfg: Any) -> tuple[float, float]:
+    """(target, weight) of dynamic PSConv's regulariser from model.conv (absent keys: off)."""
+    conv = cfg.model.conv
+    return float(conv.get("large_fraction_target", 0.5)), float(conv.get("large_fraction_weight", 0.0))
 
-    def __init__(self, runtime: Runtime, loss_fn: nn.Module, mixup: Mixup | None) -> None:
+
+class ClassificationLoss:
+    """(model, (images, targets)) -> (loss, batch size): to the device, Mixup/CutMix, autocast, loss.
+
+    With `large_fraction_weight` > 0 the loss also pulls every DynamicPSConv2d layer's share of large-rate
+    kernels towards `large_fraction_target` (ops.dynamic_psconv.large_fraction_penalty, outside autocast).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        loss_fn: nn.Module,
+        mixup: Mixup | None,
+        *,
+        large_fraction_target: float = 0.5,
+        large_fraction_weight: float = 0.0,
+    ) -> None:
         self.runtime, self.loss_fn, self.mixup = runtime, loss_fn, mixup
+        self.large_fraction_target, self.large_fraction_weight = large_fraction_target, large_fraction_weight
 
     def __call__(
         self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
@@ -45,6 +66,9 @@ class ClassificationLoss:
             images, targets = self.mixup(images, targets)
         with self.runtime.autocast():
             loss = self.loss_fn(model(images), targets)
+        if self.large_fraction_weight > 0:
+            penalty = large_fraction_penalty(model, self.large_fraction_target)
+            loss = loss + self.large_fraction_weight * penalty
         return loss, images.shape[0]
 
 
@@ -111,13 +135,27 @@ class ClassificationTask(Task):
     data_schema = DataConfig
     best_metric = "top1"
     result_keys = ("top1", "top5")
+    _built: weakref.ref[nn.Module] | None = None  # the network build_model made last (train_record reads it)
 
     def check(self, cfg: Any) -> None:
         """Build the model on the meta device (no memory, no weight init), so that an unknown model or conv
         name or a bad conv option fails in a second, before the data set is loaded."""
         kwargs = model_arguments(cfg.model, cfg.data.num_classes or 1000)
         with config_keys(MODEL_KEYS), torch.device("meta"):
-            create_model(**{**kwargs, "checkpoint_path": None})
+            model = create_model(**{**kwargs, "checkpoint_path": None})
+        target, weight = _large_fraction_settings(cfg)
+        if weight < 0 or not 0 <= target <= 1:
+            raise ConfigError(
+                f"model.conv.large_fraction_weight={weight} must be >= 0 and "
+                f"model.conv.large_fraction_target={target} in [0, 1] (the share of large-rate kernels "
+                "that the regulariser pulls towards)."
+            )
+        if weight > 0 and not any(isinstance(m, DynamicPSConv2d) for m in model.modules()):
+            raise ConfigError(
+                f"model.conv.large_fraction_weight={weight} regularises dynamic PSConv masks, but "
+                f"model={cfg.model.name} with model/conv={cfg.model.conv.name} has none: use "
+                "model/conv=dynamic_psconv or model.conv.large_fraction_weight=0."
+            )
 
     def build_data(self, cfg: Any, runtime: Runtime, micro_batch: int) -> DataBundle:
         """Train and validation sets and their per-rank loaders (train: seeded, resumable; val: exact)."""
@@ -138,6 +176,7 @@ class ClassificationTask(Task):
             model = create_model(**model_arguments(cfg.model, num_classes)).to(runtime.device)
         if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        self._built = weakref.ref(model)  # for train_record (the engine builds the model, then the loss)
         return model
 
     def batch_loss(
@@ -145,9 +184,11 @@ class ClassificationTask(Task):
     ) -> ClassificationLoss:
         """Cross-entropy with label smoothing, or timm's Mixup/CutMix with its soft-target cross-entropy."""
         tcfg = cfg.trainer
+        target, weight = _large_fraction_settings(cfg)
+        regulariser = {"large_fraction_target": target, "large_fraction_weight": weight}
         if tcfg.mixup_alpha <= 0 and tcfg.cutmix_alpha <= 0:
             return ClassificationLoss(
-                runtime, nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing), None
+                runtime, nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing), None, **regulariser
             )
         if micro_batch % 2:
             raise ConfigError(
@@ -162,9 +203,16 @@ class ClassificationTask(Task):
             label_smoothing=tcfg.label_smoothing,
             num_classes=data.num_classes,
         )
-        return ClassificationLoss(runtime, SoftTargetCrossEntropy(), mixup)
+        return ClassificationLoss(runtime, SoftTargetCrossEntropy(), mixup, **regulariser)
 
     evaluate = staticmethod(classification_metrics)
+
+    def train_record(self, batch_loss: Any) -> dict[str, float]:
+        """`large_fraction`: the mean share of large-rate kernels over the network's DynamicPSConv2d layers
+        at the epoch's end (the masks validation uses); nothing for networks without such layers."""
+        model = self._built() if self._built is not None else None
+        fraction = mean_large_fraction(model) if model is not None else None
+        return {} if fraction is None else {"large_fraction": fraction}
 
     def record(self, metrics: dict[str, float], prefix: str) -> dict[str, float]:
         names = {"top1": "top1", "top5": "top5", "loss": "loss", "num_samples": "samples"}
@@ -177,6 +225,8 @@ class ClassificationTask(Task):
             line += f"  ({record['val_samples']} samples)"
         if "ema_top1" in record:
             line += f"  ema top-1 {record['ema_top1']:.2f}%"
+        if "large_fraction" in record:
+            line += f"  large-rate share {record['large_fraction']:.3f}"
         return line
 
     def evaluate_checkpoint(self, ckpt: Checkpoint, cfg: Any, eval_cfg: Any, runtime: Runtime) -> list[dict]:
