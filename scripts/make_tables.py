@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Collect training runs into tables laid out like the PSConv paper's Tables 1-6 and the PyConv README.
+"""Collect training runs into tables laid out like the PSConv paper's Tables 1-7, the PyConv README and
+the SEPC paper's Tables 1 and 4.
 
 Every `results.json` under the given roots is one run; its `config.yaml` says which table cells it
-fills (architecture, conv, dilation pattern, axes and the recipe's settings, not the preset's name,
-so sweep jobs are placed by what they trained). Each cell shows our number, the published one from
-`polyscale.paper_results` and the difference (ours - paper). Missing cells, duplicate runs and runs
+fills (architecture, conv, dilation pattern, axes, detector, head and the recipe's settings, not the
+preset's name, so sweep jobs are placed by what they trained). Each cell shows our number, the published
+one from `polyscale.paper_results` and the difference (ours - paper). Missing cells, duplicate runs and runs
 that fit no cell are named with the command that fixes them; nothing is guessed.
 
     python scripts/make_tables.py outputs multirun [--csv tables.csv] [--output tables.md]
         [--tables psconv_t1,psconv_t6 | all] [--metric best|final] [--ignore trainer.epochs] [--strict]
+        [--plot DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from polyscale.paper_results import PRESETS, RECIPES, TABLES, Cell, Recipe, Run, Table
+from polyscale.errors import PolyscaleError
+from polyscale.paper_results import PRESETS, RECIPES, TABLES, Cell, Recipe, Run, Table, metric_label
 
 # A run that was cut short is no reproduction, whatever its recipe says.
 _FULL_RUN = {"trainer.limit_train_batches": None, "trainer.limit_val_batches": None}
@@ -34,7 +37,7 @@ _FULL_RUN = {"trainer.limit_train_batches": None, "trainer.limit_val_batches": N
 
 @dataclass
 class RunResult:
-    """One run directory: the Run it trained (or why it fits none) and its accuracies (%)."""
+    """One run directory: the Run it trained (or why it fits none) and its accuracies or APs (%)."""
 
     directory: Path
     run: Run | None
@@ -43,6 +46,7 @@ class RunResult:
     top1: float | None = None
     top5: float | None = None
     crops: dict[int, float] = field(default_factory=dict)  # evaluate.py top-1 per test crop
+    values: dict[str, float] = field(default_factory=dict)  # detection: bbox_AP, ..., segm_APl
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Filled:
     top1: float | None = None
     top1_std: float | None = None
     top5: float | None = None
+    values: dict[str, float] = field(default_factory=dict)  # detection tables: results.json key -> AP
     status: str = "ok"  # ok | published only | missing | duplicate | no eval | incomplete
 
 
@@ -93,20 +98,37 @@ def identify_run(config: Mapping[str, Any], ignore: frozenset[str] = frozenset()
     model, conv = _select(config, "model.name"), _select(config, "model.conv.name")
     if not isinstance(model, str) or not isinstance(conv, str):
         return "config has no model.name / model.conv.name"
-    misses = {name: recipe_mismatches(config, recipe, ignore) for name, recipe in RECIPES.items()}
+    task = _select(config, "task.name") or "classification"
+    recipes = {name: recipe for name, recipe in RECIPES.items() if recipe.task == task}
+    if not recipes:
+        return f"task {task!r} has no published recipe"
+    misses = {name: recipe_mismatches(config, recipe, ignore) for name, recipe in recipes.items()}
     recipe = min(misses, key=lambda name: len(misses[name]))
     if misses[recipe]:
         return f"closest recipe {recipe} differs in " + ", ".join(misses[recipe])
+    scratch = not _select(config, "model.checkpoint_path") and "model.checkpoint_path" not in ignore
+    if task == "detection" and scratch:
+        return "model.checkpoint_path=null: the papers fine-tune an ImageNet backbone, not a random one"
     custom = any(
         _select(config, f"model.conv.{key}") for key in ("kernel_sizes", "pyramid_groups", "groups")
     )  # (runs of older versions store the pyramid groups as model.conv.groups)
     if conv == "pyconv" and custom:
         return "custom PyConv kernel_sizes / pyramid_groups (the tables use the defaults)"
     arch = model.removeprefix("ps_")  # model=ps_resnet50 and model=resnet50 model/conv=psconv are one net
-    if conv != "psconv":
-        return Run(arch, conv, recipe)
-    pattern = tuple(int(d) for d in _select(config, "model.conv.dilation_pattern") or ())
-    return Run(arch, conv, recipe, pattern, _select(config, "model.conv.axes"))
+    ps_args: tuple = ()
+    if conv == "psconv":
+        pattern = tuple(int(d) for d in _select(config, "model.conv.dilation_pattern") or ())
+        ps_args = (pattern, _select(config, "model.conv.axes"))
+    elif conv == "dynamic_psconv":  # the learned mask chooses between two rates
+        ps_args = (tuple(int(d) for d in _select(config, "model.conv.rates") or ()),)
+    if task != "detection":
+        return Run(arch, conv, recipe, *ps_args)
+    detector = {
+        "detector": _select(config, "detector.name"),
+        "head": _select(config, "detector.head") or "standard",
+        "neck_pconv": int(_select(config, "detector.neck_pconv") or 0),
+    }
+    return Run(arch, conv, recipe, *ps_args, **detector)
 
 
 def load_run(results_file: Path, metric: str, ignore: frozenset[str]) -> RunResult:
@@ -118,14 +140,21 @@ def load_run(results_file: Path, metric: str, ignore: frozenset[str]) -> RunResu
     if config_file is None:
         return RunResult(directory, None, "no config.yaml next to results.json")
     config = yaml.safe_load(config_file.read_text()) or {}
+    detection = _select(config, "task.name") == "detection"
+    wanted = "bbox_AP" if detection else "top1/top5"
     try:
         entry = json.loads(results_file.read_text())[metric]
-        top1, top5 = float(entry["top1"]), float(entry["top5"])
-    except (ValueError, KeyError, TypeError) as err:
-        return RunResult(directory, None, f"results.json has no {metric}.top1/top5 ({err!r})")
+        if detection:
+            values, top1, top5 = {k: float(v) for k, v in entry.items() if k != "epoch"}, None, None
+            if "bbox_AP" not in values:
+                raise KeyError("bbox_AP")
+        else:
+            values, top1, top5 = {}, float(entry["top1"]), float(entry["top5"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return RunResult(directory, None, f"results.json has no {metric}.{wanted} ({err!r})")
     run = identify_run(config, ignore)
     result = RunResult(directory, run if isinstance(run, Run) else None, run if isinstance(run, str) else "")
-    result.seed, result.top1, result.top5 = config.get("seed"), top1, top5
+    result.seed, result.top1, result.top5, result.values = config.get("seed"), top1, top5, values
     for eval_file in sorted(directory.glob("eval*.json")):  # evaluate.py ... eval.output=RUN_DIR/eval.json
         try:
             for item in json.loads(eval_file.read_text()).get("results", []):
@@ -160,6 +189,13 @@ def fill(table: Table, cell: Cell, runs: list[RunResult]) -> Filled:
         filled.status = "no eval"
     if filled.status != "ok":
         return filled
+    if table.metrics:  # detection: each metric averaged over the cell's runs (one seed in the papers)
+        filled.values = {
+            key: statistics.fmean(r.values[key] for r in runs)
+            for key in cell.values
+            if all(key in r.values for r in runs)
+        }
+        return filled
     accs = [r.crops[cell.crop] if cell.crop else r.top1 for r in runs]
     to_unit = (lambda acc: 100.0 - acc) if table.unit == "error" else (lambda acc: acc)
     top1 = [to_unit(a) for a in accs]
@@ -193,7 +229,9 @@ def problems(filled_tables: Sequence[Sequence[Filled]], results: Sequence[RunRes
     for (run, status), cells in by_run.items():
         names = "; ".join(f"{f.table.title}: {f.table.name(f.cell)}" for f in cells)
         dirs = ", ".join(str(r.directory) for r in cells[0].runs)
-        root = "/data/cifar100" if run.recipe == "resnext_cifar" else "/data/imagenet"
+        root = {"resnext_cifar": "/data/cifar100"}.get(run.recipe, "/data/imagenet")
+        if RECIPES[run.recipe].task == "detection":
+            root = f"/data/coco model.checkpoint_path=IMAGENET_{run.model_config.upper()}.pt"
         if status == "missing":
             fix = f"train it: python train.py experiment={_preset(run)} data.root={root}"
             lines.append(f"MISSING {names} -- no run found; {fix}")
@@ -244,9 +282,36 @@ def _diff(ours: float | None, paper: float | None, decimals: int) -> str:
     return _num(ours - paper, decimals, sign=True) if ours is not None and paper is not None else ""
 
 
-def render_table(filled: Sequence[Filled]) -> str:
-    """Markdown: a line per cell (PSConv tables) or rows x columns (PyConv README tables)."""
+def render_ap_table(filled: Sequence[Filled]) -> str:
+    """Markdown for a detection table: a line per cell, one column per metric as `ours (paper, diff)`."""
     table = filled[0].table
+    d = table.decimals
+    header = [*table.headers, *(metric_label(m) for m in table.metrics), "runs"]
+    out = [f"### {table.title}: {table.caption}", ""]
+    out += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for f in filled:
+        texts = []
+        for key in table.metrics:
+            paper = f.cell.values.get(key)
+            if f.status != "ok" or key not in f.values:
+                texts.append(f"{_ours(f) if f.status != 'ok' else 'n/a'} (paper {_num(paper, d)})")
+            else:
+                texts.append(
+                    f"{_num(f.values[key], d)} (paper {_num(paper, d)}, {_diff(f.values[key], paper, d)})"
+                )
+        out.append(
+            "| " + " | ".join([*f.cell.labels, *texts, str(len(f.runs)) if f.cell.run else "-"]) + " |"
+        )
+    return "\n".join(
+        out + ["", "ours (paper, ours - paper); COCO AP in %, best epoch unless --metric final."]
+    )
+
+
+def render_table(filled: Sequence[Filled]) -> str:
+    """Markdown: a line per cell (PSConv tables), rows x columns (PyConv README tables), or AP columns."""
+    table = filled[0].table
+    if table.metrics:
+        return render_ap_table(filled)
     d, unit = table.decimals, "err" if table.unit == "error" else "acc"
     out = [f"### {table.title}: {table.caption}", ""]
     if table.layout == "grid":
@@ -279,16 +344,19 @@ CSV_COLUMNS += ["status", "run_dirs"]
 
 
 def write_csv(path: Path, filled_tables: Sequence[Sequence[Filled]]) -> None:
-    """Long format: one line per cell and metric (values in the table's unit, %)."""
+    """Long format: one line per cell and metric (values in the table's unit, %; detection: every AP)."""
     rounded = lambda v: None if v is None else round(v, 6)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_COLUMNS)
         writer.writeheader()
         for f in (f for table in filled_tables for f in table):
-            for metric, ours, std, paper, paper_std in (
-                (f"top1_{f.table.unit}", f.top1, f.top1_std, f.cell.top1, f.cell.top1_std),
-                (f"top5_{f.table.unit}", f.top5, None, f.cell.top5, None),
-            ):
+            metrics = [(key, f.values.get(key), None, paper, None) for key, paper in f.cell.values.items()]
+            if not f.table.metrics:
+                metrics = [
+                    (f"top1_{f.table.unit}", f.top1, f.top1_std, f.cell.top1, f.cell.top1_std),
+                    (f"top5_{f.table.unit}", f.top5, None, f.cell.top5, None),
+                ]
+            for metric, ours, std, paper, paper_std in metrics:
                 if paper is None and ours is None:
                     continue
                 diff = ours - paper if ours is not None and paper is not None else None
@@ -318,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 on missing, duplicate or unmatched runs"
     )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="also draw Tables 3, 4 and 6 as figures in DIR (needs .[plot])",
+    )
     args = parser.parse_args(argv)
 
     results = collect(args.roots, args.metric, frozenset(args.ignore))
@@ -342,6 +416,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
     if args.csv:
         write_csv(args.csv, filled)
+    if args.plot:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
+        from table_plots import plot_tables
+
+        try:
+            for path in plot_tables(filled, args.plot):
+                print(f"wrote {path}", file=sys.stderr)
+        except PolyscaleError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 1 if args.strict and issues else 0
 
 

@@ -69,6 +69,44 @@ PRESETS: dict[str, Preset] = {
     **{f"psconv_t6_{m}": p for m, p in _ps("resnext_cifar", *(f"ps_{m}" for m in _T6)).items()},
     **{f"pyconv_{m}": p for m, p in _std("pyconv_imagenet", *_PYCONV).items()},
     **{f"pyconv_aug_{m}": p for m, p in _std("pyconv_augment", "pyconvresnet50", "pyconvresnet101").items()},
+    # Dynamic PSConv (section 4.2): `pattern` holds the two rates the learned mask chooses between.
+    "psconv_dynamic_ps_resnet50": ("psconv_imagenet", "resnet50", "dynamic_psconv", [1, 2], None),
+    "psconv_dynamic_cifar": ("resnext_cifar", "resnext29_8x64d", "dynamic_psconv", [1, 2], None),
+}
+# Detection presets (PSConv Table 7, SEPC Tables 1 and 4), written out independently of paper_results:
+# recipe -> (global batch, lr); both are mmdetection's 1x otherwise (12 epochs, x0.1 at 8 and 11, 500
+# warm-up iterations from 1/3, clip 35, shorter side 800 / longer 1333, flip).
+DETECTION_RECIPES = {"mmdet_1x": (16, 0.02), "sepc_1x": (32, 0.01)}
+DetectionPreset = tuple[str, str, str, str, str, int]  # recipe, model, conv, detector, head, neck_pconv
+_T7_BACKBONES = ("resnet50", "resnet101", "resnext101_32x4d")
+_SEPC_HEADS = ("baseline", "dcn", "pconv", "pconv_ibn", "sepc", "sepc_lite")
+DETECTION_PRESETS: dict[str, DetectionPreset] = {
+    **{
+        f"psconv_t7_mask_rcnn_{m}": ("mmdet_1x", m, "standard", "mask_rcnn", "standard", 0)
+        for m in _T7_BACKBONES
+    },
+    **{
+        f"psconv_t7_mask_rcnn_ps_{m}": ("mmdet_1x", f"ps_{m}", "psconv", "mask_rcnn", "standard", 0)
+        for m in _T7_BACKBONES
+    },
+    **{
+        f"sepc_t1_{det}_{head}": (
+            "sepc_1x",
+            "resnet50",
+            "standard",
+            det,
+            "standard" if head == "baseline" else head,
+            0,
+        )
+        for det in ("retinanet", "free_anchor")
+        for head in _SEPC_HEADS
+    },
+    **{
+        f"sepc_t4_{det}_{note}": ("sepc_1x", "resnet50", "standard", det, "standard", 4 * (note == "pconv"))
+        for det in ("faster_rcnn", "mask_rcnn")
+        for note in ("baseline", "pconv")
+    },
+    "sepc_free_anchor_sepc_ps_resnet50": ("sepc_1x", "ps_resnet50", "psconv", "free_anchor", "sepc", 0),
 }
 SMOKE = shlex.split(  # synthetic data at 32x32, two optimizer steps (small LR: batch 2), one val batch
     "optim.lr=0.001 data=synthetic data.image_size=32 data.batch_size=2 data.num_workers=0 "
@@ -101,9 +139,62 @@ def composed() -> Iterator[Any]:
 
 def test_every_preset_file_is_in_the_settings_table() -> None:
     folder = REPO / "configs" / "experiment"
-    assert {p.stem for p in folder.glob("*.yaml")} == set(PRESETS)
-    assert {p.stem for p in (folder / "recipe").glob("*.yaml")} == set(RECIPES)
-    assert set(paper_results.PRESETS) | set(paper_results.SWEEP_BASES) == set(PRESETS)
+    assert {p.stem for p in folder.glob("*.yaml")} == set(PRESETS) | set(DETECTION_PRESETS)
+    assert {p.stem for p in (folder / "recipe").glob("*.yaml")} == set(RECIPES) | set(DETECTION_RECIPES)
+    listed = set(paper_results.PRESETS) | set(paper_results.SWEEP_BASES) | set(paper_results.UNPUBLISHED)
+    assert listed == set(PRESETS) | set(DETECTION_PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(DETECTION_PRESETS))
+def test_detection_preset_composes_to_the_papers_recipe(composed, preset: str) -> None:
+    recipe, model, conv, detector, head, neck_pconv = DETECTION_PRESETS[preset]
+    batch, lr = DETECTION_RECIPES[recipe]
+    cfg = composed(f"experiment={preset}")
+    d, o, s, t, det = cfg["data"], cfg["optim"], cfg["schedule"], cfg["trainer"], cfg["detector"]
+    assert cfg["task"]["name"] == "detection" and (cfg["model"]["name"], cfg["model"]["conv"]["name"]) == (
+        model,
+        conv,
+    )
+    assert (det["name"], det["head"], det["neck_pconv"], det["fpn_channels"]) == (
+        detector,
+        head,
+        neck_pconv,
+        256,
+    )
+    # The papers' fine-tuning (stem + stage 1 and every BN frozen) follows from the backbone checkpoint.
+    assert (det["trainable_stages"], det["frozen_bn"], cfg["model"]["checkpoint_path"]) == (None, None, None)
+    assert (d["name"], d["batch_size"], d["min_size"], d["max_size"], d["hflip"]) == (
+        "coco",
+        batch,
+        800,
+        1333,
+        True,
+    )
+    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"], o["nesterov"]) == (
+        "sgd",
+        lr,
+        0.9,
+        1e-4,
+        False,
+    )
+    assert (s["name"], s["milestones"], s["gamma"], s["warmup_epochs"]) == ("step", [8, 11], 0.1, 0)
+    assert s["warmup_steps"] == 500 and abs(s["warmup_start_factor"] - 1 / 3) < 1e-12
+    assert (t["epochs"], t["clip_grad_norm"], t["precision"], t["accum_steps"]) == (12, 35.0, "fp32", 1)
+
+
+@pytest.mark.parametrize("preset", sorted(DETECTION_PRESETS))
+def test_detection_preset_carries_the_published_numbers(composed, preset: str) -> None:
+    cfg = composed(f"experiment={preset}")
+    assert cfg["experiment_name"] == preset and cfg["notes"] == paper_results.preset_notes(preset)
+    run = paper_results.PRESETS.get(preset) or paper_results.UNPUBLISHED[preset]
+    header = (REPO / "configs" / "experiment" / f"{preset}.yaml").read_text().split("\ndefaults:")[0]
+    cells = paper_results.cells_of(run)
+    assert bool(cells) == (preset in paper_results.PRESETS)
+    for table, cell in cells:
+        assert paper_results.describe(table, cell) in header
+    # make_tables places a run of the preset (with an ImageNet backbone) in the preset's cells.
+    with_backbone = composed(f"experiment={preset}", "model.checkpoint_path=/ckpt/backbone.pt")
+    assert load_script("make_tables").identify_run(with_backbone) == run
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -114,6 +205,9 @@ def test_preset_composes_to_the_papers_recipe(composed, preset: str) -> None:
     assert (cfg["model"]["name"], cfg["model"]["conv"]["name"]) == (model, conv)
     if conv == "psconv":
         assert (cfg["model"]["conv"]["dilation_pattern"], cfg["model"]["conv"]["axes"]) == (pattern, axes)
+    if conv == "dynamic_psconv":  # the paper's rates, started from the static pattern, no regulariser
+        assert (cfg["model"]["conv"]["rates"], cfg["model"]["conv"]["init"]) == (pattern, "static")
+        assert cfg["model"]["conv"]["large_fraction_weight"] == 0.0
     if conv == "pyconv":  # PyConvResNet's own per-stage kernels and groups
         assert cfg["model"]["conv"]["kernel_sizes"] is None and cfg["model"]["conv"]["groups"] is None
     d, o, s, t = cfg["data"], cfg["optim"], cfg["schedule"], cfg["trainer"]
@@ -137,9 +231,9 @@ def test_preset_composes_to_the_papers_recipe(composed, preset: str) -> None:
         assert t["mix_prob"] == 1.0
 
 
-@pytest.mark.parametrize("preset", sorted(paper_results.PRESETS))
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - set(paper_results.SWEEP_BASES)))
 def test_preset_carries_the_published_numbers_and_maps_back_to_its_cells(composed, preset: str) -> None:
-    run = paper_results.PRESETS[preset]
+    run = paper_results.PRESETS.get(preset) or paper_results.UNPUBLISHED[preset]
     recipe, model, conv, pattern, axes = PRESETS[preset]
     ps_args = (tuple(pattern), axes) if pattern else ()
     assert run == paper_results.Run(model.removeprefix("ps_"), conv, recipe, *ps_args)
@@ -147,7 +241,9 @@ def test_preset_carries_the_published_numbers_and_maps_back_to_its_cells(compose
     cfg = composed(f"experiment={preset}")
     assert cfg["experiment_name"] == preset and cfg["notes"] == paper_results.preset_notes(preset)
     header = (REPO / "configs" / "experiment" / f"{preset}.yaml").read_text().split("\ndefaults:")[0]
-    for table, cell in paper_results.cells_of(run):
+    cells = paper_results.cells_of(run)
+    assert bool(cells) == (preset in paper_results.PRESETS)  # unpublished combinations fill no cell
+    for table, cell in cells:
         assert paper_results.describe(table, cell) in header
     assert load_script("make_tables").identify_run(cfg) == run  # make_tables finds the preset's cells
 
@@ -161,6 +257,9 @@ def test_preset_carries_the_published_numbers_and_maps_back_to_its_cells(compose
         ("psconv_t6_ps_resnext29_16x64d", ["16.528 +- 0.353"]),
         ("pyconv_pyconvhgresnet101", ["79.22"]),
         ("pyconv_aug_pyconvresnet101", ["80.58", "81.49"]),
+        ("psconv_t7_mask_rcnn_ps_resnet101", ["box AP 41.6", "mask AP 37.4"]),
+        ("sepc_t1_free_anchor_sepc_lite", ["box AP 41.7", "box AP50 61.0", "box APl 54.8"]),
+        ("sepc_t4_mask_rcnn_pconv", ["box AP 39.6", "box AP50 60.1", "box AP75 43.5"]),
     ],
 )
 def test_published_numbers_in_headers(preset: str, numbers: list[str]) -> None:
@@ -193,7 +292,7 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 def test_documented_sweeps_fill_the_ablation_and_seed_tables(composed) -> None:
     sweeps = documented_sweeps()
-    assert len(sweeps) >= 4 + 4  # Tables 3, 4, 5, 6 plus the all-presets lines (SLURM variants included)
+    assert len(sweeps) >= 4 + 4 + 3  # Tables 3-6, the all-presets lines (SLURM variants), detection
     make_tables, presets_by_run = load_script("make_tables"), {r: n for n, r in paper_results.PRESETS.items()}
     per_run = ("seed=", "data.root=", "trainer.resume=")  # compared separately / not part of the recipe
     jobs: dict[tuple[str, ...], set[int]] = {}  # a job without its per-run overrides -> its seeds
@@ -206,7 +305,8 @@ def test_documented_sweeps_fill_the_ablation_and_seed_tables(composed) -> None:
         run = make_tables.identify_run(cfg)
         assert run in presets_by_run, f"{job}: {run}"
         seeds.setdefault(run, set()).update(job_seeds)
-        preset = composed(f"experiment={presets_by_run[run]}")
+        backbone = [o for o in job if o.startswith("model.checkpoint_path=")]  # detection: ImageNet weights
+        preset = composed(f"experiment={presets_by_run[run]}", *backbone)
         naming = ("experiment_name", "notes")
         trained, expected = ({k: v for k, v in c.items() if k not in naming} for c in (cfg, preset))
         assert trained == expected, job  # a sweep job trains what the cell's preset trains
@@ -274,3 +374,32 @@ def test_multirun_over_two_patterns_writes_two_results(tmp_path: Path, capsys) -
     for label, error in zip(("t = 2", "t = 8"), errors):
         assert f"| PS-ResNet-50 | {label} | {error:.3f} | " in out
     assert "| PS-ResNet-50 | t = 4 | missing |" in out
+
+
+DETECTION_SMOKE = shlex.split(  # the built-in detection set at 64 px, two optimizer steps, one val batch
+    "data=builtin_detection data.batch_size=2 data.num_train_images=4 data.num_val_images=2 "
+    "data.num_workers=0 data.persistent_workers=false data.pin_memory=false schedule.warmup_steps=1 "
+    "trainer.epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1 trainer.progress=false "
+    "trainer.device=cpu"
+)
+
+
+@pytest.mark.slow
+def test_detection_presets_train_two_steps(tmp_path: Path) -> None:
+    """One preset per detection code path (Mask R-CNN over PS-ResNet-50, FreeAnchor + SEPC head, Faster
+    R-CNN + PConv neck), from scratch on the built-in set: about 2 minutes each on 2 CPU cores."""
+    presets = ["psconv_t7_mask_rcnn_ps_resnet50", "sepc_t1_free_anchor_sepc", "sepc_t4_faster_rcnn_pconv"]
+    hidden = ["hydra.sweep.dir", *(o.split("=")[0] for o in DETECTION_SMOKE)]
+    names = f"hydra.job.config.override_dirname.exclude_keys=[{','.join(hidden)}]"
+    command = [sys.executable, "train.py", "-m", "experiment=" + ",".join(presets), *DETECTION_SMOKE]
+    command += [f"hydra.sweep.dir={tmp_path}", names]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for i, preset in enumerate(presets):
+        job = tmp_path / f"{i}_experiment={preset}"
+        config, results = OmegaConf.load(job / "config.yaml"), json.loads((job / "results.json").read_text())
+        recipe, model, _, detector, head, neck = DETECTION_PRESETS[preset]
+        assert (config.model.name, config.detector.name, config.detector.head) == (model, detector, head)
+        assert config.detector.neck_pconv == neck and results["num_val_images"] == 2
+        assert ("segm_AP" in results["best"]) == (detector == "mask_rcnn") and results["final"]["epoch"] == 1

@@ -51,3 +51,27 @@ def write_run(tmp_path: Path) -> WriteRun:
         return directory
 
     return write
+
+
+@pytest.fixture
+def write_detection_run(tmp_path: Path) -> WriteRun:
+    """write_detection_run(NAME, preset, values, **config changes) -> a detection run dir (results.json).
+
+    values: results.json's best-epoch metrics (bbox_AP, ..., in %); the final epoch is 0.5 AP lower.
+    """
+
+    def write(name: str, preset: str, values: dict[str, float], **changes: Any) -> Path:
+        directory = tmp_path / "runs" / name
+        directory.mkdir(parents=True)
+        config = preset_config(preset, {k.replace("__", "."): v for k, v in changes.items()})
+        (directory / "config.yaml").write_text(yaml.safe_dump(config))
+        results = {
+            "best": {**values, "epoch": 12},
+            "final": {**{k: v - 0.5 for k, v in values.items()}, "epoch": 12},
+            "num_val_images": 5000,
+            "bad_files": 0,
+        }
+        (directory / "results.json").write_text(json.dumps(results))
+        return directory
+
+    return write

@@ -1,8 +1,6 @@
-"""Published results of the PSConv paper (ECCV 2020, Tables 1-6) and the PyConv README.
+"""Classification: the PSConv paper's Tables 1-6 and section 4.2 (ECCV 2020) and the PyConv README.
 
-The single source of truth for the reproduction kit: `configs/experiment/` presets carry these
-numbers in their header comments and `notes` (tests check they agree), and `scripts/make_tables.py`
-prints them beside the user's results. A *run* (architecture + conv + recipe) can fill cells of
+A *run* (architecture + conv + recipe) can fill cells of
 several tables: the ResNet-50 baseline appears in PSConv Tables 1-4, the default PS-ResNet-50 in
 Tables 1, 2, 4 and 5, and Table 3's t = 2 is Table 4's {1,2,1,2} (the paper prints the same numbers).
 Table 3's t = 4 ({1,1,1,2}: one slot of 2, the rest 1) equals Table 4's {1,2,1,1} up to a cyclic
@@ -12,21 +10,9 @@ error): they stay two runs, whose gap doubles as a measure of run-to-run noise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from polyscale.paper_results.types import Cell, Recipe, Run, Table
 
-__all__ = ["PRESETS", "RECIPES", "SWEEP_BASES", "TABLES", "Cell", "Recipe", "Run", "Table"]
-__all__ += ["cells_of", "describe", "preset_notes", "published_text"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A training recipe: config keys (dotted) and the values the paper prescribes."""
-
-    name: str
-    source: str
-    settings: Mapping[str, Any]
+__all__ = ["PRESETS", "RECIPES", "SWEEP_BASES", "TABLES", "UNPUBLISHED"]
 
 
 _COMMON = {"optim.name": "sgd", "optim.momentum": 0.9, "optim.nesterov": False, "data.auto_augment": None}
@@ -79,58 +65,14 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-@dataclass(frozen=True)
-class Run:
-    """What makes two trainings the same experiment (seed aside)."""
-
-    model: str  # architecture without the ps_ prefix: resnet50, pyconvresnet50, resnext29_8x64d
-    conv: str  # standard | psconv | pyconv
-    recipe: str
-    pattern: tuple[int, ...] | None = None  # psconv only
-    axes: str | None = None  # psconv only
-
-    @property
-    def model_config(self) -> str:
-        """The `model=NAME` whose natural conv is this run's conv."""
-        return f"ps_{self.model}" if self.conv == "psconv" else self.model
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One published number (or pair) and the run that reproduces it (None: another group's work)."""
-
-    labels: tuple[str, ...]
-    run: Run | None
-    top1: float | None  # in the table's unit (error or accuracy, %)
-    top5: float | None = None
-    top1_std: float | None = None
-    crop: int | None = None  # test crop read from evaluate.py output; None: the training run's own val
-
-
-@dataclass(frozen=True)
-class Table:
-    key: str
-    title: str
-    caption: str
-    headers: tuple[str, ...]  # one per label; grid tables: (row header, column header)
-    cells: tuple[Cell, ...]
-    unit: str = "error"  # error | accuracy
-    layout: str = "list"  # list: a line per cell; grid: rows x columns as the PyConv README prints them
-    seeds: int = 1  # runs per cell averaged as mean +- std (PSConv Table 6: 5)
-    decimals: int = 3
-    naming_labels: int | None = None  # leading labels that name a cell (Table 2: the network); None: all
-
-    def name(self, cell: Cell) -> str:
-        """`ResNet-50 / PSConv`: the cell's naming labels."""
-        return " / ".join(cell.labels[: self.naming_labels])
-
-
 def _ps(pattern: tuple[int, ...] = (1, 2, 1, 4), axes: str = "both", model: str = "resnet50") -> Run:
     return Run(model, "psconv", "psconv_imagenet", pattern, axes)
 
 
 R50, PS_R50 = Run("resnet50", "standard", "psconv_imagenet"), _ps()
 T2, T4, T8 = _ps((1, 2)), _ps((1, 1, 1, 2)), _ps((1,) * 7 + (2,))
+# Dynamic PSConv (section 4.2): `pattern` holds its (small, large) dilation rates.
+DYNAMIC_R50 = Run("resnet50", "dynamic_psconv", "psconv_imagenet", (1, 2))
 
 _T1 = {  # architecture: (label, standard top-1/top-5, PSConv top-1/top-5)
     "resnet50": ("ResNet-50", (22.850, 6.532), (21.126, 5.724)),
@@ -284,6 +226,17 @@ TABLES: tuple[Table, ...] = (
         layout="grid",
         decimals=2,
     ),
+    Table(
+        "psconv_dynamic",
+        "PSConv section 4.2",
+        "Dynamic PS-ResNet-50: a learned binary mask picks dilation 1 or 2 per kernel; ImageNet val err (%)",
+        ("Network",),
+        (
+            Cell(("ResNet-50 (baseline)",), R50, 22.850, 6.532),
+            Cell(("PS-ResNet-50 (static {1, 2, 1, 4})",), PS_R50, 21.126, 5.724),
+            Cell(("Dynamic PS-ResNet-50 (rates 1, 2)",), DYNAMIC_R50, 21.138),
+        ),
+    ),
 )
 
 
@@ -294,38 +247,12 @@ def _preset_names() -> dict[str, Run]:
     presets |= {"psconv_t5_input": _ps(axes="input"), "psconv_t5_output": _ps(axes="output")}
     for table, prefix in ((TABLES[5], "psconv_t6_"), (TABLES[6], "pyconv_"), (TABLES[7], "pyconv_aug_")):
         presets |= {prefix + c.run.model_config: c.run for c in table.cells if c.run is not None}
-    return presets
+    return presets | {"psconv_dynamic_ps_resnet50": DYNAMIC_R50}
 
 
 PRESETS: dict[str, Run] = _preset_names()  # experiment=NAME -> the run it trains
 SWEEP_BASES: dict[str, Run] = {"psconv_ablation": PS_R50}  # bases of the Tables 3-5 multirun lines
-
-
-def cells_of(run: Run) -> list[tuple[Table, Cell]]:
-    """Every published cell a run fills, in table order."""
-    return [(table, cell) for table in TABLES for cell in table.cells if cell.run == run]
-
-
-def describe(table: Table, cell: Cell) -> str:
-    """`PSConv Table 1: ResNet-50 / PSConv` with the published value(s)."""
-    return f"{table.title}: {table.name(cell)}: {published_text(table, cell)}"
-
-
-def published_text(table: Table, cell: Cell) -> str:
-    value = f"top-1 {'err' if table.unit == 'error' else 'acc'} {cell.top1}"
-    if cell.top1_std is not None:
-        value += f" +- {cell.top1_std}"
-    return value + (f", top-5 err {cell.top5}" if cell.top5 is not None else "")
-
-
-def preset_notes(name: str) -> dict[str, Any]:
-    """The `notes` block of preset NAME: its first cell, published numbers, and the other cells it fills."""
-    (table, cell), *others = cells_of(PRESETS[name])
-    unit = "err" if table.unit == "error" else "acc"
-    published = {f"top1_{unit}": cell.top1, "top5_err": cell.top5, "top1_err_std": cell.top1_std}
-    return {
-        "table": table.title,
-        "row": table.name(cell),
-        "published": {k: v for k, v in published.items() if v is not None},
-        "also": [describe(t, c) for t, c in others],
-    }
+# Presets of combinations no paper reports: dynamic PSConv on CIFAR-100 (compare with Table 6's PSConv).
+UNPUBLISHED: dict[str, Run] = {
+    "psconv_dynamic_cifar": Run("resnext29_8x64d", "dynamic_psconv", "resnext_cifar", (1, 2)),
+}
