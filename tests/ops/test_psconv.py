@@ -212,3 +212,20 @@ def test_autotune_keeps_the_fastest_impl_per_signature(monkeypatch: pytest.Monke
     ran.clear()
     module(torch.randn(3, 8, 6, 6, dtype=torch.float64))
     assert ran == [psconv_impls.default_impl(module, "cpu")] and len(psconv_impls.autotuned()) == 2
+
+
+@pytest.mark.parametrize("impl", ["grouped", "shifts", "depthwise"])
+def test_captured_graphs_compute_the_eager_values_for_any_batch(impl: str) -> None:
+    """Under torch.jit.trace and torch.export PSConv swaps its in-place block add for a gather and stops
+    chunking the batch (ops/_permute.py): the graph gives eager PyTorch's values at other batch sizes,
+    and eager PyTorch keeps its own forms."""
+    torch.manual_seed(0)
+    conv = PSConv2d(16, 16, 3, dilation_pattern=(1, 2, 1, 4), impl=impl).eval()
+    x2, x5 = torch.randn(2, 16, 9, 9), torch.randn(5, 16, 9, 9)
+    with torch.no_grad():
+        traced = torch.jit.trace(conv, x2, check_trace=False)
+        exported = torch.export.export(conv, (x2,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        expected = conv(x5)
+        assert torch.allclose(traced(x5), expected, atol=1e-5)
+        assert torch.allclose(exported.module()(x5), expected, atol=1e-5)
+    assert "PythonOp" not in str(traced.graph)  # the autograd Function would not be savable

@@ -5,6 +5,11 @@ strided pass per channel, and the gather in its backward is slower still. Moving
 strided add per block forward, one strided copy per block backward) costs one pass each way in both
 memory formats. The permutation is a tuple of Python ints: no index tensors, nothing to move between
 devices, no host-device synchronisation.
+
+While a graph is being captured (torch.jit.trace, torch.export and the ONNX exporter built on it) the
+same sum is one gather and an out-of-place add instead: tracing refuses the in-place autograd Function,
+and export would turn its block adds into scatters (ONNX ScatterElements, half of onnxruntime's time on
+PS-ResNet-50).
 """
 
 from __future__ import annotations
@@ -41,9 +46,21 @@ class _PermutedAdd(torch.autograd.Function):
         return grad, grad_y, None, None
 
 
+def capturing_graph() -> bool:
+    """True while torch.jit.trace or torch.export (the ONNX exporter included) records the forward."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def permuted_add_(out: Tensor, y: Tensor, blocks: tuple[int, int, int], perm: tuple[int, ...]) -> Tensor:
     """In place: out[:, g, perm[j]] += y[:, g, j] over the (groups, m, block) split of the channels.
 
-    Returns `out`. (N, C, H, W) in any memory format.
+    Returns the sum: `out` itself, or a new tensor while a graph is captured (use the return value).
+    (N, C, H, W) in any memory format.
     """
+    if capturing_graph():
+        inverse = [0] * len(perm)
+        for j, target in enumerate(perm):
+            inverse[target] = j
+        index = torch.tensor(inverse, device=y.device)
+        return out + y.unflatten(1, blocks).index_select(2, index).flatten(1, 3)  # block j lands at perm[j]
     return _PermutedAdd.apply(out, y, blocks, perm)

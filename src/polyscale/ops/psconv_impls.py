@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from polyscale.ops import _dilated
-from polyscale.ops._permute import permuted_add_
+from polyscale.ops._permute import capturing_graph, permuted_add_
 from polyscale.ops.psconv_terms import (
     IMPLS,
     ConvTerm,
@@ -122,8 +122,11 @@ CPU_CHUNK_BYTES = 2 << 20
 
 
 def cpu_chunk_size(x: Tensor) -> int:
-    """Samples per chunk for input x (see CPU_CHUNK_BYTES): the whole batch off the CPU or when it fits."""
+    """Samples per chunk for input x (see CPU_CHUNK_BYTES): the whole batch off the CPU, when it fits, or
+    while a graph is captured for export (chunks would pin the batch size of the exported graph)."""
     if x.device.type != "cpu" or CPU_CHUNK_BYTES <= 0 or x.shape[0] == 0 or x[0].numel() == 0:
+        return x.shape[0]
+    if capturing_graph():  # export: one graph for every batch size
         return x.shape[0]
     per_sample = x[0].numel() * x.element_size()
     return min(x.shape[0], max(1, CPU_CHUNK_BYTES // per_sample))
