@@ -51,6 +51,7 @@ from polyscale.engine.checkpoint import (
 from polyscale.errors import CheckpointError, ConfigError, PolyscaleError, one_line
 from polyscale.models import create_model, get_model_spec, load_model_weights, read_state_dict
 from polyscale.ops import CONV_TYPES, PSConv2d, psconv_impls
+from polyscale.ops.dynamic_psconv import convert_to_static
 from polyscale.tasks.arguments import MODEL_KEYS, config_keys, model_arguments
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -198,7 +199,9 @@ def _network(model: nn.Module, name: str, size: int, source: str, classes: int) 
     if size < 1:
         raise ConfigError(f"--image-size={size} must be >= 1.")
     conv = getattr(model, "polyscale_conv", "standard")
-    return Network(model.eval(), name, conv, size, source, int(classes))
+    # Dynamic PSConv ships frozen: TwoRateConv2d is exact in eval mode with nn.Conv2d's multiply-adds,
+    # where the trainable layer runs two convs per kernel.
+    return Network(convert_to_static(model.eval()), name, conv, size, source, int(classes))
 
 
 def psconv_impls_used(model: nn.Module) -> dict[str, int]:

@@ -93,6 +93,12 @@ class _BranchConv(nn.Module):
     def __init__(self, channels: int, *, padding: int, deform: bool) -> None:
         super().__init__()
         self.conv = LevelConv(channels, channels, deform=deform)
+        # He-normal, not the authors' N(0, 0.01): nothing normalises this conv's output before the
+        # prediction convs, and at 0.01 it reaches them ~5x weaker than a GN / iBN tower's. FCOS's
+        # box branch (ReLU on its distances) then sat at zero boxes (IoU loss 1.0 after 40 steps on the
+        # built-in set, 0.47 with this init; the standard head: 0.38) and the default detection run
+        # reached 21 box AP50 instead of the standard head's 100.
+        nn.init.kaiming_normal_(self.conv.conv.weight, nonlinearity="relu")
         self.zero_border = padding == 0
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import deform_conv2d
 
 from polyscale.ops import _checks
+from polyscale.ops._deform import deform_conv2d
 
 __all__ = ["DeformableConv2d", "IntegratedBN", "LevelConv", "PConv"]
 
