@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from polyscale.ops import _checks, _dilated
+from polyscale.ops import _dilated
 from polyscale.ops._dense import DenseWeight
 from polyscale.ops.two_rate_conv import TwoRateConv2d, check_rates
 
@@ -119,14 +119,7 @@ class DynamicPSConv2d(DenseWeight, nn.Module):
         init: str = "static",
     ) -> None:
         super().__init__()
-        self.in_channels = _checks.positive_int("in_channels", in_channels)
-        self.out_channels = _checks.positive_int("out_channels", out_channels)
-        k = _checks.odd_kernel("kernel_size", kernel_size)
-        self.kernel_size = (k, k)
-        self.stride = _checks.int_pair("stride", stride, minimum=1)
-        self.padding = _checks.int_pair("padding", k // 2 if padding is None else padding, minimum=0)
-        self.groups = _checks.positive_int("groups", groups)
-        _checks.divides("groups", groups, in_channels=in_channels, out_channels=out_channels)
+        k = self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, groups)
         self.rates = check_rates(rates)
         if init not in RATE_INITS:
             raise ValueError(f"`init` must be one of {RATE_INITS}, got {init!r}")

@@ -51,14 +51,7 @@ class PSConv2d(DenseWeight, nn.Module):
         impl: str | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _checks.positive_int("in_channels", in_channels)
-        self.out_channels = _checks.positive_int("out_channels", out_channels)
-        k = _checks.odd_kernel("kernel_size", kernel_size)
-        self.kernel_size = (k, k)
-        self.stride = _checks.int_pair("stride", stride, minimum=1)
-        self.padding = _checks.int_pair("padding", k // 2 if padding is None else padding, minimum=0)
-        self.groups = _checks.positive_int("groups", groups)
-        _checks.divides("groups", groups, in_channels=in_channels, out_channels=out_channels)
+        k = self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, groups)
         self.dilation_pattern = _checks.int_sequence("dilation_pattern", dilation_pattern)
         if axes not in AXES:
             raise ValueError(f"axes must be one of {AXES}, got {axes!r}")

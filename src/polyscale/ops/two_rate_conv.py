@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from polyscale.ops import _checks, _dilated
+from polyscale.ops import _dilated
 from polyscale.ops._dense import DenseWeight
 
 __all__ = ["TwoRateConv2d", "check_rates"]
@@ -140,14 +140,7 @@ class TwoRateConv2d(DenseWeight, nn.Module):
         large_mask: Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _checks.positive_int("in_channels", in_channels)
-        self.out_channels = _checks.positive_int("out_channels", out_channels)
-        k = _checks.odd_kernel("kernel_size", kernel_size)
-        self.kernel_size = (k, k)
-        self.stride = _checks.int_pair("stride", stride, minimum=1)
-        self.padding = _checks.int_pair("padding", k // 2 if padding is None else padding, minimum=0)
-        self.groups = _checks.positive_int("groups", groups)
-        _checks.divides("groups", groups, in_channels=in_channels, out_channels=out_channels)
+        k = self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, groups)
         self.rates = check_rates(rates)
         shape = (out_channels, in_channels // groups)
         if large_mask is None:
