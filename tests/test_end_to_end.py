@@ -159,11 +159,6 @@ def test_default_detection_run_reaches_70_box_ap50_within_10_minutes(tmp_path: P
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="measured 45.8 box AP50 after the 5 epochs (about 80 s each): the SEPC-lite head finds the boxes "
-    "but confuses the classes at this length (docs/detection.md, 'The default run'); issue 13 stays open",
-    strict=False,
-)
 def test_default_detection_run_with_the_sepc_lite_head_learns_as_well(tmp_path: Path) -> None:
     """SEPC's light head (PConv + iBN tower, deformable extra convs) on the default detection run: the
     same bar as the plain head (box AP50 >= 70 within 10 minutes on 2 CPU cores)."""

@@ -161,6 +161,8 @@ def test_detection_preset_composes_to_the_papers_recipe(composed, preset: str) -
         neck_pconv,
         256,
     )
+    # the authors' N(0, 0.01) init wherever there are PConvs (the option is an error elsewhere)
+    assert det["pconv_init"] == ("he" if head in ("standard", "dcn") and not neck_pconv else "authors")
     # The papers' fine-tuning (stem + stage 1 and every BN frozen) follows from the backbone checkpoint.
     assert (det["trainable_stages"], det["frozen_bn"], cfg["model"]["checkpoint_path"]) == (None, None, None)
     assert (d["name"], d["batch_size"], d["min_size"], d["max_size"], d["hflip"]) == (

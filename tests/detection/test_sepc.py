@@ -182,6 +182,23 @@ def test_ibn_sync_builds_sync_batch_norm() -> None:
     assert not any(block.pconv.align_corners for block in tower.pconvs)
 
 
+@pytest.mark.parametrize("init", ["he", "authors"])
+def test_pconv_init_reaches_every_pconv_and_extra_conv(init) -> None:
+    torch.manual_seed(0)
+    std = {"he": (2 / (9 * 32)) ** 0.5, "authors": 0.01}[init]
+    head = create_detector("fcos", "resnet20", K, head="sepc", fpn_channels=32, pconv_init=init).head
+    neck = create_detector("faster_rcnn", "resnet20", K, neck_pconv=2, fpn_channels=32, pconv_init=init)
+    blocks = [*head.tower.pconvs, *neck.backbone.pconvs]
+    convs = [k for b in blocks for k in (b.pconv.up, b.pconv.same, b.pconv.down)]
+    convs += [head.tower.cls_conv.conv.conv, head.tower.reg_conv.conv.conv]
+    assert len(convs) == 3 * 6 + 2
+    for conv in convs:
+        assert conv.weight.std().item() == pytest.approx(std, rel=0.1)
+    # torchvision's prediction convs and the zero-init offset convs are left as they were
+    assert head.classification_head.cls_logits.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert all(torch.count_nonzero(b.pconv.up.offset.weight) == 0 for b in head.tower.pconvs)
+
+
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("kind", ["retinanet", "fcos"])
 def test_single_stage_detector_with_each_head_trains(kind, head) -> None:
@@ -203,8 +220,6 @@ def test_single_stage_detector_with_each_head_trains(kind, head) -> None:
     # every head parameter learns, offset convs included (FCOS's ReLU'd box outputs may all start at
     # zero on these two images, so gradients are counted over the steps, not at the first one)
     silent = [n for n, _ in model.head.named_parameters() if n not in learned]
-    if (kind, head) == ("fcos", "pconv"):  # known: docs/detection.md, "FCOS with the pconv head"
-        silent = [n for n in silent if not n.startswith("regression_head.bbox_reg.")]
     assert not silent, silent
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses
@@ -261,7 +276,7 @@ def test_two_stage_detectors_with_a_pconv_neck(kind) -> None:
 def test_detector_config_defaults_are_accepted_by_every_kind(kind) -> None:
     # the detection task passes every DetectorConfig field that is not None to create_detector
     cfg = DetectorConfig()
-    fields = ("head", "neck_pconv", "ibn_sync", "pconv_align_corners", "extra_conv_padding")
+    fields = ("head", "neck_pconv", "ibn_sync", "pconv_align_corners", "extra_conv_padding", "pconv_init")
     with torch.device("meta"):
         model = create_detector(kind, "resnet20", K, **TINY, **{f: getattr(cfg, f) for f in fields})
     assert not isinstance(model.backbone, PConvNeck)
@@ -288,6 +303,10 @@ def test_bad_arguments_raise_config_errors() -> None:
         build(head="pconv", ibn_sync=True)
     with pytest.raises(ConfigError, match="pconv_align_corners=False needs a PConv"):
         build(pconv_align_corners=False)
+    with pytest.raises(ConfigError, match="pconv_init='normal': use he .* or authors"):
+        build(head="sepc", pconv_init="normal")
+    with pytest.raises(ConfigError, match="pconv_init='authors' needs a PConv head"):
+        build(head="dcn", pconv_init="authors")
     with pytest.raises(ConfigError, match="GroupNorm"):
         build("fcos", head="dcn", fpn_channels=24)
     assert isinstance(build("fcos", head="sepc", fpn_channels=24).head, SEPCFCOSHead)  # no GroupNorm there

@@ -140,14 +140,32 @@ def test_end_levels_drop_their_missing_term() -> None:
         torch.testing.assert_close(out[2], module.same(xs[2]) + module.down(xs[1]), rtol=0, atol=1e-12)
 
 
-def test_pconv_kernels_are_shared_convs_with_the_papers_init() -> None:
+@pytest.mark.parametrize(("init", "std"), [("he", (2 / (9 * 64)) ** 0.5), ("authors", 0.01)])
+def test_pconv_and_level_conv_inits(init, std) -> None:
+    torch.manual_seed(0)
+    for module in (
+        PConv(64, 32, init=init),
+        PConv(64, 32, init=init, deform=True),
+        LevelConv(64, 32, init=init),
+    ):
+        convs = [module.conv] if isinstance(module, LevelConv) else [module.up, module.same, module.down]
+        for conv in convs:
+            assert torch.count_nonzero(conv.bias) == 0
+            assert conv.weight.std().item() == pytest.approx(std, rel=0.05)
+            assert abs(conv.weight.mean().item()) < std / 10
+    with pytest.raises(ValueError, match="`init`='kaiming': use one of 'he', 'authors'"):
+        PConv(4, 4, init="kaiming")
+    with pytest.raises(ValueError, match="`init`=None"):
+        LevelConv(4, 4, init=None)
+
+
+def test_pconv_kernels_are_shared_convs() -> None:
     module = PConv(64, 32)
     assert [name for name, _ in module.named_children()] == ["up", "same", "down"]
     for name in ("up", "same", "down"):
         conv = getattr(module, name)
         assert type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
         assert conv.stride == ((2, 2) if name == "down" else (1, 1))
-        assert torch.count_nonzero(conv.bias) == 0 and abs(conv.weight.std().item() - 0.01) < 1e-3
     assert sum(p.numel() for p in module.parameters()) == 3 * (9 * 64 * 32 + 32)
     sepc = PConv(64, 32, deform=True)
     assert all(isinstance(getattr(sepc, n), DeformableConv2d) for n in ("up", "same", "down"))

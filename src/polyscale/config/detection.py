@@ -30,5 +30,6 @@ class DetectorConfig:
     ibn_sync: bool = False  # integrated BN as SyncBatchNorm (for 1-2 images per GPU)
     pconv_align_corners: bool = True  # PConv's bilinear upsampling (True: the authors' code)
     extra_conv_padding: int = 1  # PConv heads' extra per-branch convs; 0 = the authors' padding mistake
+    pconv_init: str = "he"  # PConv heads' and necks' weights: he | authors (N(0, 0.01); the presets')
     # More keyword arguments of torchvision's constructor, e.g. {score_thresh: 0.05, detections_per_img: 100}
     options: dict[str, Any] = field(default_factory=dict)

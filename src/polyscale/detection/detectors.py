@@ -28,6 +28,7 @@ from polyscale.detection.free_anchor import FreeAnchor
 from polyscale.detection.sepc import HEADS, TOWER_HEADS, PConvNeck, create_head
 from polyscale.errors import ConfigError
 from polyscale.models import get_model_spec
+from polyscale.ops.pconv import INITS as PCONV_INITS
 
 __all__ = ["DETECTOR_KINDS", "FCOS", "RetinaNet", "anchor_generator", "create_detector"]
 
@@ -110,7 +111,13 @@ def _accepted_kwargs(cls: type) -> set[str]:
 
 
 def _check_pyramid_options(
-    kind: str, head: str, neck_pconv: int, ibn_sync: bool, align_corners: bool, extra_conv_padding: int
+    kind: str,
+    head: str,
+    neck_pconv: int,
+    ibn_sync: bool,
+    align_corners: bool,
+    extra_conv_padding: int,
+    pconv_init: str,
 ) -> None:
     """ConfigError for an unknown SEPC head, or an SEPC option that the detector built would not use."""
     single_stage = kind in _HEAD_FAMILY
@@ -141,6 +148,12 @@ def _check_pyramid_options(
         )
     if not align_corners and not has_pconv:
         raise ConfigError("`pconv_align_corners`=False needs a PConv head (`head`) or neck (`neck_pconv`).")
+    if pconv_init not in PCONV_INITS:
+        raise ConfigError(
+            f"`pconv_init`={pconv_init!r}: use he (He-normal) or authors (the authors' N(0, 0.01))."
+        )
+    if pconv_init != "he" and not has_pconv:
+        raise ConfigError(f"`pconv_init`={pconv_init!r} needs a PConv head (`head`) or neck (`neck_pconv`).")
     if ibn_sync and not has_ibn:
         raise ConfigError(
             "`ibn_sync`=True needs integrated BN: `head`=pconv_ibn, sepc_lite or sepc, or `neck_pconv` > 0."
@@ -167,6 +180,7 @@ def create_detector(
     ibn_sync: bool = False,
     pconv_align_corners: bool = True,
     extra_conv_padding: int = 1,
+    pconv_init: str = "he",
     **kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector with an FPN over the zoo network `backbone`.
@@ -202,6 +216,8 @@ def create_detector(
         pconv_align_corners: the PConvs' bilinear upsampling (True as the authors' code).
         extra_conv_padding: padding of the PConv heads' extra per-branch convs: 1, or 0 as the authors'
             code by mistake (the maps are zero-padded back to keep predictions over their anchors).
+        pconv_init: weights of the PConv heads' and necks' convs: "he" (He-normal, std sqrt(2 / (9 C)))
+            or "authors" (N(0, 0.01), the authors' code; the SEPC presets'). docs/detection.md.
         kwargs: passed to the torchvision constructor (e.g. score_thresh, detections_per_img,
             rpn_batch_size_per_image, box_batch_size_per_image, box_detections_per_img, image_mean,
             size_divisible). Modules given here (anchor_generator, box_predictor, ...) replace ours, and a
@@ -227,7 +243,9 @@ def create_detector(
         raise ConfigError(f"`box_head_dim` / `mask_head_dim` apply to the R-CNN kinds only, not {kind}.")
     if kind == "faster_rcnn" and mask_head_dim is not None:
         raise ConfigError("`mask_head_dim` applies to mask_rcnn only.")
-    _check_pyramid_options(kind, head, neck_pconv, ibn_sync, pconv_align_corners, extra_conv_padding)
+    _check_pyramid_options(
+        kind, head, neck_pconv, ibn_sync, pconv_align_corners, extra_conv_padding, pconv_init
+    )
     p6p7_from = p6p7_from or _DEFAULT_P6P7.get(kind)
     if single_stage and p6p7_from not in P6P7_SOURCES:
         raise ConfigError(f"`p6p7_from`={p6p7_from!r}: use one of {', '.join(P6P7_SOURCES)} (or None).")
@@ -269,6 +287,7 @@ def create_detector(
                 ibn_sync=ibn_sync,
                 align_corners=pconv_align_corners,
                 extra_conv_padding=extra_conv_padding,
+                init=pconv_init,
             )
         return cls(fpn, num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
@@ -290,6 +309,8 @@ def create_detector(
     # SEPC Table 4: stacked PConvs over every FPN level (names, widths and strides kept) before the RPN
     features: nn.Module = fpn
     if neck_pconv:
-        features = PConvNeck(fpn, neck_pconv, ibn_sync=ibn_sync, align_corners=pconv_align_corners)
+        features = PConvNeck(
+            fpn, neck_pconv, ibn_sync=ibn_sync, align_corners=pconv_align_corners, init=pconv_init
+        )
     # num_classes=None: the class count lives in the predictors (torchvision refuses both).
     return cls(features, None, min_size=min_size, max_size=max_size, **kwargs)

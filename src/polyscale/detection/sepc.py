@@ -66,9 +66,10 @@ class PConvBlock(nn.Module):
         ibn_sync: bool = False,
         deform: bool = False,
         align_corners: bool = True,
+        init: str = "he",
     ) -> None:
         super().__init__()
-        self.pconv = PConv(channels, channels, align_corners=align_corners, deform=deform)
+        self.pconv = PConv(channels, channels, align_corners=align_corners, deform=deform, init=init)
         self.ibn = IntegratedBN(channels, sync=ibn_sync) if ibn else None
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
@@ -81,6 +82,10 @@ class PConvBlock(nn.Module):
 class _BranchConv(nn.Module):
     """A branch's extra conv: LevelConv + ReLU, with padding 1 or, `padding`=0, as the authors' code.
 
+    Its "he" init (LevelConv's default) matters more than the PConvs': nothing normalises its output
+    before the prediction convs, and at the authors' 0.01 FCOS's box branch (a ReLU on its distances) sat
+    at zero boxes on the built-in set (docs/detection.md, "Initialisation").
+
     Their padding-0 conv shrinks each map by 2, and mmdetection, which takes the anchor grid from the
     prediction maps' sizes, lays the anchors on the shrunken grid, one stride off the locations the
     predictions are centred on. Here the result is kept at full size
@@ -90,15 +95,9 @@ class _BranchConv(nn.Module):
     zeroed, which also works on maps smaller than 3x3 (they become all zero).
     """
 
-    def __init__(self, channels: int, *, padding: int, deform: bool) -> None:
+    def __init__(self, channels: int, *, padding: int, deform: bool, init: str = "he") -> None:
         super().__init__()
-        self.conv = LevelConv(channels, channels, deform=deform)
-        # He-normal, not the authors' N(0, 0.01): nothing normalises this conv's output before the
-        # prediction convs, and at 0.01 it reaches them ~5x weaker than a GN / iBN tower's. FCOS's
-        # box branch (ReLU on its distances) then sat at zero boxes (IoU loss 1.0 after 40 steps on the
-        # built-in set, 0.47 with this init; the standard head: 0.38) and the default detection run
-        # reached 21 box AP50 instead of the standard head's 100.
-        nn.init.kaiming_normal_(self.conv.conv.weight, nonlinearity="relu")
+        self.conv = LevelConv(channels, channels, deform=deform, init=init)
         self.zero_border = padding == 0
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
@@ -118,8 +117,9 @@ def _interior_mask(x: Tensor) -> Tensor:
 class PyramidTower(nn.Module):
     """The SEPC head's body: 4 PConv blocks shared by both branches, then an extra conv per branch.
 
-    `variant` is one of TOWER_HEADS (pconv, pconv_ibn, sepc_lite, sepc). Returns the classification and
-    the box branch's lists of maps, each level keeping its size.
+    `variant` is one of TOWER_HEADS (pconv, pconv_ibn, sepc_lite, sepc). `init` ("he" or "authors",
+    polyscale.ops.pconv.INITS) initialises the PConvs and the extra convs. Returns the classification
+    and the box branch's lists of maps, each level keeping its size.
     """
 
     def __init__(
@@ -130,6 +130,7 @@ class PyramidTower(nn.Module):
         ibn_sync: bool = False,
         align_corners: bool = True,
         extra_conv_padding: int = 1,
+        init: str = "he",
     ) -> None:
         super().__init__()
         if variant not in TOWER_HEADS:
@@ -146,13 +147,19 @@ class PyramidTower(nn.Module):
         self.pconvs = nn.Sequential(
             *(
                 PConvBlock(
-                    channels, ibn=ibn, ibn_sync=ibn_sync, deform=deform_pconv, align_corners=align_corners
+                    channels,
+                    ibn=ibn,
+                    ibn_sync=ibn_sync,
+                    deform=deform_pconv,
+                    align_corners=align_corners,
+                    init=init,
                 )
                 for _ in range(NUM_PCONVS)
             )
         )
-        self.cls_conv = _BranchConv(channels, padding=extra_conv_padding, deform=deform_extra)
-        self.reg_conv = _BranchConv(channels, padding=extra_conv_padding, deform=deform_extra)
+        branch = {"padding": extra_conv_padding, "deform": deform_extra, "init": init}
+        self.cls_conv = _BranchConv(channels, **branch)
+        self.reg_conv = _BranchConv(channels, **branch)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         shared = self.pconvs(list(features))  # run once for both branches
@@ -245,6 +252,7 @@ def create_head(
     ibn_sync: bool = False,
     align_corners: bool = True,
     extra_conv_padding: int = 1,
+    init: str = "he",
 ) -> nn.Module:
     """The `head` variant (one of HEADS) of a RetinaNet-family (`family`="retinanet") or FCOS head."""
     if family not in _HEAD_CLASSES:
@@ -257,6 +265,7 @@ def create_head(
             "ibn_sync": ibn_sync,
             "align_corners": align_corners,
             "extra_conv_padding": extra_conv_padding,
+            "init": init,
         }
         return tower_head(in_channels, num_anchors, num_classes, head, **options)
     built = plain(in_channels, num_anchors, num_classes)
@@ -278,6 +287,7 @@ class PConvNeck(nn.Module):
         *,
         ibn_sync: bool = False,
         align_corners: bool = True,
+        init: str = "he",
     ) -> None:
         super().__init__()
         if isinstance(num_pconvs, bool) or not isinstance(num_pconvs, int) or num_pconvs < 1:
@@ -288,7 +298,7 @@ class PConvNeck(nn.Module):
         self.pyramid = pyramid
         self.pconvs = nn.Sequential(
             *(
-                PConvBlock(channels, ibn=True, ibn_sync=ibn_sync, align_corners=align_corners)
+                PConvBlock(channels, ibn=True, ibn_sync=ibn_sync, align_corners=align_corners, init=init)
                 for _ in range(num_pconvs)
             )
         )
