@@ -34,6 +34,21 @@ TINY = (
     "trainer.tensorboard=false",
     "trainer.log_every_n_steps=1",
 )
+# Every source of randomness a resume must restore: dropout (torch), Mixup/CutMix (numpy), the EMA,
+# momentum buffers, the cosine schedule and the data order / augmentation of a half-done epoch.
+# Appended to a run's overrides (TINY or a variant of it).
+RESUME_EXACT = (
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.deterministic=true",
+    "trainer.ema=true",
+    "trainer.ema_decay=0.5",
+    "trainer.mixup_alpha=0.4",
+    "trainer.cutmix_alpha=1.0",
+    "trainer.mix_prob=0.8",
+    "model.drop_rate=0.3",
+    "optim.lr=0.05",
+)
 
 
 def compose_config(name: str, *overrides: str) -> DictConfig:

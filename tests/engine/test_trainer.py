@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import TINY, assert_tensors_equal, compose_config, load
+from engine_helpers import RESUME_EXACT, TINY, assert_tensors_equal, compose_config, load
 from torch import nn
 
 from polyscale.engine.distributed import DistInfo
@@ -18,21 +18,7 @@ from polyscale.tasks.classification import classification_metrics
 
 CPU = Runtime(DistInfo(), torch.device("cpu"), "fp32", channels_last=False, show_progress=False)
 
-# Every source of randomness a resume must restore: dropout (torch), Mixup/CutMix (numpy), the EMA,
-# momentum buffers, the cosine schedule and the data order / augmentation of a half-done epoch.
-EXACT = (
-    *TINY,
-    "trainer.epochs=2",
-    "trainer.limit_train_batches=3",
-    "trainer.deterministic=true",
-    "trainer.ema=true",
-    "trainer.ema_decay=0.5",
-    "trainer.mixup_alpha=0.4",
-    "trainer.cutmix_alpha=1.0",
-    "trainer.mix_prob=0.8",
-    "model.drop_rate=0.3",
-    "optim.lr=0.05",
-)
+EXACT = (*TINY, *RESUME_EXACT)
 
 
 def train(run_dir: Path, *overrides: str) -> dict | None:

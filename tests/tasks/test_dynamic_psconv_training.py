@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import TINY, assert_tensors_equal, compose_config, load
+from engine_helpers import RESUME_EXACT, TINY, assert_tensors_equal, compose_config, load
 from torch import nn
 
 from polyscale.engine.distributed import DistInfo
@@ -23,23 +23,14 @@ from polyscale.tasks.classification import TASK, ClassificationLoss
 
 CPU = Runtime(DistInfo(), torch.device("cpu"), "fp32", channels_last=False, show_progress=False)
 DYNAMIC = (*TINY, "model/conv=dynamic_psconv")
-# tests/engine/test_trainer.py's EXACT (every source of randomness a resume must restore) with the
-# dynamic conv, its gates started from all-small and pulled by the regulariser
+# every source of randomness a resume must restore, with the dynamic conv, its gates started from
+# all-small and pulled by the regulariser
 EXACT = (
     *DYNAMIC,
     "model.conv.init=small",
     "model.conv.large_fraction_weight=200",  # a strong pull, visible within 6 steps
     "model.conv.large_fraction_target=0.5",
-    "trainer.epochs=2",
-    "trainer.limit_train_batches=3",
-    "trainer.deterministic=true",
-    "trainer.ema=true",
-    "trainer.ema_decay=0.5",
-    "trainer.mixup_alpha=0.4",
-    "trainer.cutmix_alpha=1.0",
-    "trainer.mix_prob=0.8",
-    "model.drop_rate=0.3",
-    "optim.lr=0.05",
+    *RESUME_EXACT,
 )
 
 

@@ -103,9 +103,13 @@ def anchor_generator(kind: str, strides: tuple[int, ...]) -> AnchorGenerator:
 
 
 def _accepted_kwargs(cls: type) -> set[str]:
-    """Keyword arguments the torchvision detector (and its GeneralizedRCNNTransform) accept from users."""
+    """Keyword arguments the detector, its torchvision base (FreeAnchor passes RetinaNet's on) and its
+    GeneralizedRCNNTransform accept from users."""
     own = {"self", "backbone", "num_classes", "min_size", "max_size", "kwargs", "image_mean", "image_std"}
-    names = set(inspect.signature(cls.__init__).parameters) - own
+    base = next(k for k in cls.__mro__ if k.__module__.startswith("torchvision."))
+    names = (
+        set(inspect.signature(cls.__init__).parameters) | set(inspect.signature(base.__init__).parameters)
+    ) - own
     names |= set(inspect.signature(GeneralizedRCNNTransform.__init__).parameters) - own
     return names | {"image_mean", "image_std"}
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import detection as tvd
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import box_iou
 
 from polyscale.errors import ConfigError
@@ -166,9 +165,9 @@ def free_anchor_loss(
 class FreeAnchor(tvd.RetinaNet):
     """torchvision's RetinaNet trained with FreeAnchor's loss, with labels 1..K (K sigmoid outputs).
 
-    Built exactly as torchvision's RetinaNet (same arguments; `proposal_matcher`, `fg_iou_thresh` and
-    `bg_iou_thresh` are accepted but unused, since FreeAnchor learns the matching); the loss
-    hyper-parameters are keyword-only, with the paper's values. Train mode returns
+    Built exactly as torchvision's RetinaNet (its keyword arguments pass through; `proposal_matcher`,
+    `fg_iou_thresh` and `bg_iou_thresh` are accepted but unused, since FreeAnchor learns the matching);
+    the loss hyper-parameters are keyword-only, with the paper's values. Train mode returns
     {"positive_bag", "negative_bag"}; eval mode returns RetinaNet's detections.
     """
 
@@ -176,19 +175,6 @@ class FreeAnchor(tvd.RetinaNet):
         self,
         backbone: nn.Module,
         num_classes: int,
-        min_size: int = 800,
-        max_size: int = 1333,
-        image_mean: list[float] | None = None,
-        image_std: list[float] | None = None,
-        anchor_generator: AnchorGenerator | None = None,
-        head: nn.Module | None = None,
-        proposal_matcher: det_utils.Matcher | None = None,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 300,
-        fg_iou_thresh: float = 0.5,
-        bg_iou_thresh: float = 0.4,
-        topk_candidates: int = 1000,
         *,
         bag_size: int = 50,
         iou_threshold: float = 0.6,
@@ -209,24 +195,7 @@ class FreeAnchor(tvd.RetinaNet):
                 f"`gamma`={gamma} must be >= 0 and `bbox_reg_weight`={bbox_reg_weight}, "
                 f"`smooth_l1_beta`={smooth_l1_beta} positive."
             )
-        super().__init__(
-            backbone,
-            num_classes,
-            min_size=min_size,
-            max_size=max_size,
-            image_mean=image_mean,
-            image_std=image_std,
-            anchor_generator=anchor_generator,
-            head=head,
-            proposal_matcher=proposal_matcher,
-            score_thresh=score_thresh,
-            nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img,
-            fg_iou_thresh=fg_iou_thresh,
-            bg_iou_thresh=bg_iou_thresh,
-            topk_candidates=topk_candidates,
-            **kwargs,
-        )
+        super().__init__(backbone, num_classes, **kwargs)  # torchvision's RetinaNet arguments
         self.bag_size = bag_size
         self.iou_threshold = iou_threshold
         self.alpha = alpha

@@ -2,7 +2,7 @@
 
 Blocks build their spatial convolution as `conv_layer(in_channels, out_channels, kernel_size=3,
 stride=1, padding=None, groups=1, bias=False)` (nn.Conv2d's convention), so one block serves every
-operator. The callables are `functools.partial`s of module-level functions: picklable (DDP spawn)
+operator. The callables are `functools.partial`s of module-level functions and classes: picklable (DDP spawn)
 and printable. Plain keyword arguments in, ValueError naming the bad one out: the caller decides how
 an option was spelled by its user.
 """
@@ -49,20 +49,6 @@ def standard_conv(
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
 
 
-def psconv(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int = 3,
-    stride: int = 1,
-    padding: int | None = None,
-    groups: int = 1,
-    bias: bool = False,
-    **options: Any,
-) -> PSConv2d:
-    """PSConv2d with the bound dilation_pattern / axes / impl."""
-    return PSConv2d(in_channels, out_channels, kernel_size, stride, padding, groups, bias, **options)
-
-
 def pyconv(
     in_channels: int,
     out_channels: int,
@@ -79,20 +65,6 @@ def pyconv(
     if bias:
         raise ValueError("bias=True is not supported by pyconv (PyConv levels have no bias); use bias=False")
     return PyConv2d(in_channels, out_channels, kernel_sizes, pyramid_groups, stride)
-
-
-def dynamic_psconv(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int = 3,
-    stride: int = 1,
-    padding: int | None = None,
-    groups: int = 1,
-    bias: bool = False,
-    **options: Any,
-) -> DynamicPSConv2d:
-    """DynamicPSConv2d with the bound rates / init."""
-    return DynamicPSConv2d(in_channels, out_channels, kernel_size, stride, padding, groups, bias, **options)
 
 
 def _options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -118,11 +90,11 @@ def make_conv_layer(name: str, **options: Any) -> ConvLayer:
     if name == "psconv":
         if "dilation_pattern" in options:
             options["dilation_pattern"] = tuple(options["dilation_pattern"])
-        return partial(psconv, **options)
+        return partial(PSConv2d, **options)  # nn.Conv2d's signature
     if name == "dynamic_psconv":
         if isinstance(options.get("rates"), list):
             options["rates"] = tuple(options["rates"])
-        return partial(dynamic_psconv, **options)
+        return partial(DynamicPSConv2d, **options)
     return partial(pyconv, **{k: tuple(v) for k, v in options.items()})
 
 
